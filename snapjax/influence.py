@@ -141,8 +141,10 @@ class InfluenceTracker:
             shapes[q] = (batch_size, U, K, m)
         return shapes
 
-    def init(self, batch_size: int, dtype: Any = jnp.float32) -> PyTree:
-        """Zero influence ``J_0`` for ``batch_size`` examples."""
+    def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> PyTree:
+        """Zero influence ``J_0`` for ``batch_size`` examples (``key`` is unused: RTRL/SnAp
+        are deterministic; it is accepted so that every online method shares one protocol)."""
+        del key
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not jnp.issubdtype(dtype, jnp.floating):
