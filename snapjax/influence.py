@@ -158,6 +158,32 @@ class InfluenceTracker:
         shapes = jax.tree.leaves(self.leaf_shapes(1), is_leaf=lambda x: isinstance(x, tuple))
         return int(sum(math.prod(s) for s in shapes))
 
+    def pattern_count(self) -> int:
+        """Entries of the SnAp-n pattern ``M_n`` per example (RTRL: every stored entry),
+        counting only unmasked parameters; ``num_stored() - pattern_count()`` is padding."""
+        spec, m = self.spec, self.spec.state_dim
+        if self.layout == "dense":
+            per_unit = {g: np.full(spec.units, spec.units * m) for g in self._groups()}
+        elif self.layout == "diag":
+            per_unit = {g: np.full(spec.units, m) for g in self._groups()}
+        else:
+            per_unit = {g: self.table.valid.sum(axis=1) * m for g in self._groups()}
+        if self.patterns is not None:
+            per_unit = {g: self.patterns[g].sum(axis=(1, 2)) for g in self._groups()}
+        total = 0
+        for p in spec.projections:
+            lay: KernelLayout = self.kernels[p.name]
+            rows_per_unit = np.full(spec.units, lay.n_in) if lay.rows is None else lay.valid.sum(axis=0)
+            total += int((rows_per_unit * per_unit[p.name]).sum())
+            if p.use_bias:
+                total += int(per_unit[p.name].sum())
+        for q in spec.unit_params:
+            total += int(per_unit[q].sum())
+        return total
+
+    def _groups(self) -> list[str]:
+        return [p.name for p in self.spec.projections] + list(self.spec.unit_params)
+
     # --------------------------------------------------------------- validation
     def _check_step_args(self, state: Array, influence: PyTree, x: Array) -> int:
         spec = self.spec
@@ -259,13 +285,24 @@ class InfluenceTracker:
             pair_valid = jnp.asarray(valid[:, :, None] & valid[:, None, :])
             wg = jnp.stack([jnp.where(pair_valid, w[nbr[:, :, None], nbr[:, None, :]], 0) for w in kernels])
             dphi_g = jac.dphi_pre[:, nbr][..., state_idx]  # (B, U, K, m, Ps)
-            a_mat = jnp.einsum("pits,bisap->bitsa", wg, dphi_g, precision=prec)
+            # a[b, i, t, s, a] = Σ_p wg[p, i, t, s] dphi_g[b, i, s, a, p]: the K×K block of D
+            # (row slot s, column slot t) per example and unit.  Built as a sum of P broadcast
+            # products (elementwise, fused): an einsum here lowers to tiny (K×P)@(P×B) matmuls.
+            a_mat = sum(
+                wg[j][None, :, :, :, None] * dphi_g[:, :, None, :, :, j] for j in range(len(state_idx))
+            )  # (B, U, K(t), K(s), m)
+            B_, U_, K_ = a_mat.shape[0], a_mat.shape[1], a_mat.shape[2]
+            a_flat = a_mat.reshape(B_, U_, K_, K_ * spec.state_dim)
             ds_g = jac.dphi_state[:, nbr]  # (B, U, K, m, m)
+            slot0 = jnp.zeros((K_,), ds_g.dtype).at[0].set(1)
 
             def propagate(J, ic):
-                Jn = jnp.einsum("blit,bitsa->blisa", J[..., r], a_mat, precision=prec)
+                # Batched (over b, i) matmuls (L×K)@(K×K·m) with the batch axes leading.
+                Jt = jnp.swapaxes(J[..., r], 1, 2)  # (B, U, L, K)
+                Jn = jnp.matmul(Jt, a_flat.astype(J.dtype), precision=prec)  # (B, U, L, K·m)
+                Jn = jnp.swapaxes(Jn, 1, 2).reshape(J.shape)  # (B, L, U, K, m)
                 Jn = Jn + (ds_g[:, None] * J[..., None, :]).sum(-1)
-                return Jn.at[:, :, :, 0, :].add(ic)
+                return Jn + ic[:, :, :, None, :] * slot0[:, None].astype(J.dtype)
 
             return propagate
 
@@ -302,7 +339,12 @@ class InfluenceTracker:
             L = math.prod(shape[1:-3])
             Jf = J.reshape(batch, L, spec.units, shape[-2], m)
             dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(J.dtype)
-            g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
+            if self.layout == "table":
+                # Multiply-reduce (one fused pass over J); a dot_general here would first
+                # transpose J to put the batch axis i leading.
+                g = jnp.sum(Jf * dlb[:, None], axis=(0, 3, 4))
+            else:
+                g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
             return g.reshape(shape[1:-2])
 
         grads = jax.tree.map(contract, influence)

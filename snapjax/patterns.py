@@ -151,12 +151,15 @@ def component_patterns(
     """
     pre_pat, unit_pat, state_pat = derivative_patterns(spec)
     m, units = spec.state_dim, spec.units
-    adj = recurrent_adjacency(spec, masks)  # adj[v,u]
-    state_idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
-    reads = pre_pat[:, state_idx].any(axis=1)  # (m,) components that depend on h_{t-1}
-    # pattern(D)[(u,a),(v,c)] as a (units*m, units*m) boolean matrix.
+    # pattern(D)[(u,a),(v,c)] as a (units*m, units*m) boolean matrix: h_v reaches
+    # component a of unit u through projection p when W_p[v,u] is unmasked and φ_a reads a_p.
     dpat = np.zeros((units, m, units, m), bool)
-    dpat[:, :, :, spec.readout] |= adj.T[:, None, :] & reads[None, :, None]
+    for j, p in enumerate(spec.projections):
+        if p.source != "state":
+            continue
+        mask = None if masks is None else masks.get(p.name)
+        adj_p = np.ones((units, units), bool) if mask is None else (np.asarray(mask) != 0)
+        dpat[:, :, :, spec.readout] |= adj_p.T[:, None, :] & pre_pat[None, :, j, None]
     for u in range(units):
         dpat[u, :, u, :] |= state_pat
     dflat = dpat.reshape(units * m, units * m).astype(np.float32)
