@@ -16,6 +16,7 @@ structural zero pattern of the unit-wise derivatives (probed at random points).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -110,33 +111,30 @@ def neighbour_table(spec: CellSpec, masks: Mapping[str, Any] | None, n: int) -> 
     return NeighbourTable(nbr, valid)
 
 
-def derivative_patterns(spec: CellSpec, dtype=jnp.float64, probes: int = 8, seed: int = 0):
+@functools.lru_cache(maxsize=64)
+def derivative_patterns(spec: CellSpec, probes: int = 64, seed: int = 0):
     """Structural nonzero pattern of φ's derivatives, OR-ed over random probe points.
+
+    φ acts unit by unit, so it is probed on single units at ``probes`` random points (one
+    jitted, vmapped ``jax.jacfwd``; concrete even when called inside a trace).
 
     Returns ``(pre (m, P), unit (m, Q), state (m, m))`` boolean arrays.
     """
+    names = [p.name for p in spec.projections]
+
+    def phi1(a, u, s):  # a (P,), u (Q,), s (m,) -> (m,)
+        pre = {n: a[j][None] for j, n in enumerate(names)}
+        unit = {q: u[j][None] for j, q in enumerate(spec.unit_params)}
+        return spec.phi(pre, unit, s[None])[0]
+
     rng = np.random.default_rng(seed)
-    n_pre = len(spec.projections)
-    pre_pat = np.zeros((spec.state_dim, n_pre), bool)
-    unit_pat = np.zeros((spec.state_dim, len(spec.unit_params)), bool)
-    state_pat = np.zeros((spec.state_dim, spec.state_dim), bool)
-    units = spec.units
-    for _ in range(probes):
-        pre = {p.name: jnp.asarray(rng.normal(size=(units,)) * 2.0) for p in spec.projections}
-        unit = {q: jnp.asarray(rng.normal(size=(units,))) for q in spec.unit_params}
-        s = jnp.asarray(rng.normal(size=(units, spec.state_dim)) * 2.0)
-        jac = jax.jacfwd(lambda a, u, s: spec.phi(a, u, s), argnums=(0, 1, 2))(pre, unit, s)
-        d_pre, d_unit, d_state = jac
-        # d_pre[name] : (units, m, units) -> diagonal in units
-        for j, p in enumerate(spec.projections):
-            diag = np.asarray(jnp.einsum("uau->ua", d_pre[p.name]))
-            pre_pat[:, j] |= (diag != 0).any(axis=0)
-        for j, q in enumerate(spec.unit_params):
-            diag = np.asarray(jnp.einsum("uau->ua", d_unit[q]))
-            unit_pat[:, j] |= (diag != 0).any(axis=0)
-        diag = np.asarray(jnp.einsum("uavc->uac", d_state * jnp.eye(units)[:, None, :, None]))
-        state_pat |= (diag != 0).any(axis=0)
-    return pre_pat, unit_pat, state_pat
+    a = rng.normal(size=(probes, len(names))) * 2.0
+    u = rng.normal(size=(probes, len(spec.unit_params)))
+    s = rng.normal(size=(probes, spec.state_dim)) * 2.0
+    with jax.ensure_compile_time_eval():
+        jac = jax.jit(jax.vmap(jax.jacfwd(phi1, argnums=(0, 1, 2))))
+        d_pre, d_unit, d_state = (np.asarray(d) for d in jac(a, u, s))
+    return (d_pre != 0).any(axis=0), (d_unit != 0).any(axis=0), (d_state != 0).any(axis=0)
 
 
 def component_patterns(
