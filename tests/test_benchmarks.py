@@ -1,0 +1,114 @@
+"""Tiny end-to-end runs of the copy-task and char-LM benchmarks (seconds, CPU, no network)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+common = importlib.import_module("_common")
+copy_task = importlib.import_module("copy_task")
+char_lm = importlib.import_module("char_lm")
+
+from snapjax.data.copy_task import NUM_TOKENS, copy_task_batch  # noqa: E402
+from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
+
+
+def test_make_masks_density():
+    tr = common.OnlineTrainer(8, NUM_TOKENS, 2, "snap1", optax.adam(1e-3))
+    params = tr.init_params(jax.random.PRNGKey(0))["cell"]
+    assert common.make_masks(0, params, 1.0, tr.spec) is None
+    masks = common.make_masks(0, params, 0.25, tr.spec)
+    assert set(masks) == {p.name for p in tr.spec.projections}
+    for name, m in masks.items():
+        assert m.shape == np.shape(params[name]["kernel"]) and m.dtype == bool
+        assert 0 < m.mean() <= 0.5
+
+
+def test_chunking_is_invisible():
+    """Processing a sequence in chunks of 3 or 16 steps (with padded, skipped steps) gives the
+    same losses and parameters: padding must not change the computation."""
+    key = jax.random.PRNGKey(1)
+    batch = copy_task_batch(key, 4, 5)
+    inputs, targets, mask = (np.asarray(a) for a in batch)
+    out = []
+    for chunk in (3, 16):
+        tr = common.OnlineTrainer(6, NUM_TOKENS, 2, "snap1", optax.adam(1e-2), chunk=chunk)
+        ts = tr.init(jax.random.PRNGKey(0), 4)
+        ts, ce = common.run_sequence(tr, ts, inputs, targets, mask)
+        ts, ce2 = common.run_sequence(tr, tr.reset(ts), inputs, targets, mask)
+        assert ce.shape == inputs.shape
+        out.append((ce2, ts.params, int(ts.updates)))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+    assert out[0][2] == out[1][2] == 2 * 5  # one update per scored step
+    for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_copy_task_tiny_end_to_end(tmp_path):
+    cfg = copy_task.CopyConfig(
+        methods=("snap2", "uoro", "tbptt"), densities=(0.25,), seeds=(0,), units=6,
+        batch_size=4, lr=1e-2, token_budget=400, time_budget_s=60.0, max_length=8, window=2,
+        tbptt_window=4, chunk=8, log_every=2, mode="test",
+    )
+    res = copy_task.main([], cfg=cfg, out_dir=tmp_path, progress=False)
+    for suffix in ("json", "png", "md"):
+        assert (tmp_path / f"copy_task_test.{suffix}").stat().st_size > 0
+    data = json.loads((tmp_path / "copy_task_test.json").read_text())
+    assert [r["method"] for r in data["runs"]] == list(cfg.methods)
+    for r in data["runs"]:
+        assert r["final_L"] >= 1 and r["tokens"] >= cfg.token_budget
+        h = r["history"]
+        assert len(h["tokens"]) == len(h["L"]) == len(h["loss_bits"]) >= 2
+        assert all(L >= 1 for L in h["L"]) and h["tokens"] == sorted(h["tokens"])
+        losses = np.asarray(h["loss_bits"][1:], float)
+        assert np.all(np.isfinite(losses)) and np.all(losses >= 0) and np.all(losses < 5)
+        assert r["updates"] > 0
+    md = (tmp_path / "copy_task_test.md").read_text()
+    assert "SnAp-2" in md and "UORO" in md and "TBPTT-4" in md and "png" in md
+    assert res["png"].name == "copy_task_test.png"
+
+
+def _tiny_corpus():
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    texts = {f"work{i:02d}": " ".join(rng.choice(words, 400)) + "\n" for i in range(4)}
+    return corpus_from_texts(texts, validation_every=4)
+
+
+def test_char_batches_for_lm():
+    corpus = _tiny_corpus()
+    b = char_batches(corpus.train, 4, 16)
+    assert b.inputs.shape[1:] == (16, 4)
+    np.testing.assert_array_equal(b.inputs[0, 1:], b.targets[0, :-1])
+    np.testing.assert_array_equal(b.inputs[1, 0], b.targets[0, -1])  # windows continue
+
+
+def test_char_lm_tiny_end_to_end(tmp_path):
+    corpus = _tiny_corpus()
+    cfg = char_lm.CharConfig(
+        methods=("snap1", "tbptt"), densities=(0.5,), seeds=(0,), units=8, batch_size=4, window=8,
+        lr=1e-2, char_budget=1_000, time_budget_s=60.0, eval_every=320, val_chars=200, val_batch=2,
+        mode="test",
+    )
+    char_lm.main([], cfg=cfg, corpus=corpus, out_dir=tmp_path, progress=False)
+    for suffix in ("json", "png", "md"):
+        assert (tmp_path / f"char_lm_test.{suffix}").stat().st_size > 0
+    data = json.loads((tmp_path / "char_lm_test.json").read_text())
+    assert data["vocab_size"] == corpus.vocab_size
+    for r in data["runs"]:
+        h = r["history"]
+        assert r["chars"] >= cfg.char_budget and len(h["chars"]) == len(h["val_bpc"]) >= 3
+        vb = np.asarray(h["val_bpc"], float)
+        assert np.all(np.isfinite(vb)) and np.all(vb > 0)
+        assert vb[0] < math.log2(corpus.vocab_size) + 3  # untrained model: about uniform
+        assert vb[-1] < vb[0]  # learns something (letter frequencies) within 1,000 chars
