@@ -292,8 +292,11 @@ class InfluenceTracker:
                 wg[j][None, :, :, :, None] * dphi_g[:, :, None, :, :, j] for j in range(len(state_idx))
             )  # (B, U, K(t), K(s), m)
             B_, U_, K_ = a_mat.shape[0], a_mat.shape[1], a_mat.shape[2]
-            a_flat = a_mat.reshape(B_, U_, K_, K_ * spec.state_dim)
             ds_g = jac.dphi_state[:, nbr]  # (B, U, K, m, m)
+            fold = spec.state_dim == 1
+            if fold:  # m = 1: the within-unit term is diagonal in the slots; fold it into a.
+                a_mat = a_mat + jnp.eye(K_, dtype=a_mat.dtype)[None, None, :, :, None] * ds_g[:, :, None, :, 0, :]
+            a_flat = a_mat.reshape(B_, U_, K_, K_ * spec.state_dim)
             slot0 = jnp.zeros((K_,), ds_g.dtype).at[0].set(1)
 
             def propagate(J, ic):
@@ -301,7 +304,8 @@ class InfluenceTracker:
                 Jt = jnp.swapaxes(J[..., r], 1, 2)  # (B, U, L, K)
                 Jn = jnp.matmul(Jt, a_flat.astype(J.dtype), precision=prec)  # (B, U, L, K·m)
                 Jn = jnp.swapaxes(Jn, 1, 2).reshape(J.shape)  # (B, L, U, K, m)
-                Jn = Jn + (ds_g[:, None] * J[..., None, :]).sum(-1)
+                if not fold:
+                    Jn = Jn + (ds_g[:, None] * J[..., None, :]).sum(-1)
                 return Jn + ic[:, :, :, None, :] * slot0[:, None].astype(J.dtype)
 
             return propagate
@@ -339,12 +343,7 @@ class InfluenceTracker:
             L = math.prod(shape[1:-3])
             Jf = J.reshape(batch, L, spec.units, shape[-2], m)
             dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(J.dtype)
-            if self.layout == "table":
-                # Multiply-reduce (one fused pass over J); a dot_general here would first
-                # transpose J to put the batch axis i leading.
-                g = jnp.sum(Jf * dlb[:, None], axis=(0, 3, 4))
-            else:
-                g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
+            g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
             return g.reshape(shape[1:-2])
 
         grads = jax.tree.map(contract, influence)

@@ -1,0 +1,55 @@
+"""Shared timing helper for the benchmarks: warm-up, ``block_until_ready``, median of repeats."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 1, repeats: int = 5, min_time: float = 0.0) -> dict:
+    """Time ``fn(*args)`` (a jitted function): ``warmup`` untimed calls (compilation), then
+    ``repeats`` timed calls, each ended with ``jax.block_until_ready``.  If ``min_time`` > 0,
+    keep repeating until the timed calls add up to at least ``min_time`` seconds.
+
+    Returns ``{"median_s", "min_s", "max_s", "times_s", "compile_s"}`` (``compile_s``: the
+    first warm-up call, compilation included).
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        jax.block_until_ready(fn(*args))
+    times = []
+    while len(times) < repeats or sum(times) < min_time:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "compile_s": compile_s,
+    }
+
+
+def machine_info() -> dict:
+    """Platform, JAX version and device description for result files."""
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(getattr(dev, "device_kind", dev)),
+        "cpu_count": os.cpu_count(),
+        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
