@@ -343,7 +343,10 @@ class InfluenceTracker:
             L = math.prod(shape[1:-3])
             Jf = J.reshape(batch, L, spec.units, shape[-2], m)
             dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(J.dtype)
-            g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
+            if shape[-2] * m == 1:  # SnAp-1 of a one-component cell: drop the unit axes
+                g = jnp.einsum("bi,bli->li", dlb[..., 0, 0], Jf[..., 0, 0], precision=prec)
+            else:
+                g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
             return g.reshape(shape[1:-2])
 
         grads = jax.tree.map(contract, influence)
