@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.flatten_util import ravel_pytree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an install
@@ -40,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an
 
 from snapjax.cells import GRUCell, cell_step
 from snapjax.influence import influence_tracker
+from snapjax.uoro import uoro_tracker
 
 PyTree = Any
 
@@ -153,7 +153,6 @@ class OnlineTrainer:
         self.tbptt_window = int(tbptt_window)
         self.chunk = self.tbptt_window if method == "tbptt" else int(chunk)
         self.tracker = None
-        self._unravel = None
         self.run_chunk = jax.jit(self._run_chunk)
         self.reset = jax.jit(self._reset)
         self.evaluate = jax.jit(self._evaluate)
@@ -177,28 +176,23 @@ class OnlineTrainer:
             self.tracker = influence_tracker(self.spec, cp, self.method, masks=self.masks, precision=self.precision)
             aux = self.tracker.init(batch_size)
         elif self.method == "uoro":
-            flat, self._unravel = ravel_pytree(cp)
-            aux = (jnp.zeros_like(s), jnp.zeros((batch_size, flat.size), flat.dtype))
+            kr, ku = jax.random.split(kr)
+            self.tracker = uoro_tracker(self.spec, cp, masks=self.masks, precision=self.precision)
+            aux = self.tracker.init(batch_size, key=ku)
         else:
             aux = ()
         return TrainState(params, self.opt.init(params), s, aux, kr, jnp.zeros((), jnp.int32))
 
     def influence_floats(self, batch_size: int = 1) -> int:
         """Floats of method state per example (influence / UORO vectors), 0 for TBPTT."""
-        if self.tracker is not None:
-            return self.tracker.num_stored()
-        if self.method == "uoro":
-            n = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(self._dummy_cell()))
-            return n + self.units * self.spec.state_dim
-        return 0
-
-    def _dummy_cell(self):
-        return self.init_params(jax.random.PRNGKey(0))["cell"]
+        return 0 if self.tracker is None else self.tracker.num_stored()
 
     # ------------------------------------------------------------------ pieces
     def _reset(self, ts: TrainState) -> TrainState:
         """Zero the hidden state and the method state (start of an independent sequence)."""
-        return ts._replace(s=jnp.zeros_like(ts.s), aux=jax.tree.map(jnp.zeros_like, ts.aux))
+        # Zero the floating leaves only: UORO's PRNG key keeps running across sequences.
+        zero = lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return ts._replace(s=jnp.zeros_like(ts.s), aux=jax.tree.map(zero, ts.aux))
 
     def _apply(self, ts: TrainState, grads: PyTree, do: jax.Array) -> TrainState:
         updates, new_opt = self.opt.update(grads, ts.opt_state, ts.params)
@@ -215,41 +209,11 @@ class OnlineTrainer:
 
     def _online_step(self, ts: TrainState, x, y, m):
         spec, cp, rp = self.spec, ts.params["cell"], ts.params["readout"]
-        key = ts.key
-        if self.tracker is not None:
-            s, J = self.tracker.step(cp, ts.s, ts.aux, x)
-            h = spec.output(s)
-            (_, ce), (g_r, dldh) = jax.value_and_grad(_readout_loss, argnums=(0, 1), has_aux=True)(rp, h, y, m)
-            g_c = self.tracker.gradient(J, self._dlds(s, dldh))
-            aux = J
-        else:  # UORO (Tallec & Ollivier 2017), one rank-1 estimate per example
-            key, knu = jax.random.split(key)
-            s_tilde, th_tilde = ts.aux
-            flat, unravel = ravel_pytree(cp)
-            step = lambda st: cell_step(spec, cp, st, x, self.masks, self.precision)
-            s, ds_tilde = jax.jvp(step, (ts.s,), (s_tilde,))
-            nu = jax.random.rademacher(knu, s.shape, dtype=s.dtype)
-
-            def vjp_one(s_i, x_i, nu_i):
-                f = lambda th: cell_step(spec, unravel(th), s_i[None], x_i[None], self.masks, self.precision)[0]
-                return jax.vjp(f, flat)[1](nu_i)[0]
-
-            dth = jax.vmap(vjp_one)(ts.s, x, nu)  # (B, P)
-            eps = 1e-7
-            n_th = jnp.linalg.norm(th_tilde, axis=1)
-            n_ds = jnp.sqrt(jnp.sum(ds_tilde**2, axis=(1, 2)))
-            rho0 = jnp.sqrt((n_th + eps) / (n_ds + eps))
-            n_dth = jnp.linalg.norm(dth, axis=1)
-            n_nu = jnp.sqrt(jnp.sum(nu**2, axis=(1, 2)))
-            rho1 = jnp.sqrt((n_dth + eps) / (n_nu + eps))
-            s_tilde = rho0[:, None, None] * ds_tilde + rho1[:, None, None] * nu
-            th_tilde = th_tilde / rho0[:, None] + dth / rho1[:, None]
-            h = spec.output(s)
-            (_, ce), (g_r, dldh) = jax.value_and_grad(_readout_loss, argnums=(0, 1), has_aux=True)(rp, h, y, m)
-            coef = jnp.sum(self._dlds(s, dldh) * s_tilde, axis=(1, 2))  # (B,)
-            g_c = unravel(coef @ th_tilde)
-            aux = (s_tilde, th_tilde)
-        ts = ts._replace(s=s, aux=aux, key=key)
+        s, aux = self.tracker.step(cp, ts.s, ts.aux, x)
+        h = spec.output(s)
+        (_, ce), (g_r, dldh) = jax.value_and_grad(_readout_loss, argnums=(0, 1), has_aux=True)(rp, h, y, m)
+        g_c = self.tracker.gradient(aux, self._dlds(s, dldh))
+        ts = ts._replace(s=s, aux=aux)
         ts = self._apply(ts, {"cell": g_c, "readout": g_r}, jnp.sum(m) > 0)
         return ts, ce
 
