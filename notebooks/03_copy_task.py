@@ -22,15 +22,13 @@
 # random 25% of its weights).
 #
 # The runs below reuse `benchmarks/copy_task.py` (`make demo` runs its `--quick` mode) with a
-# small budget; if that file is not available (e.g. an installed package without the
-# repository) a minimal version built on `snapjax.online.OnlineLearner` is used instead.
+# small budget.
 # `SNAPJAX_FAST=1` shrinks the run to a few seconds per method — the curves are then short:
 # use the full mode (or `make demo`) to see the methods separate.
 
 # %%
 import dataclasses
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -46,7 +44,6 @@ except ImportError:  # fallback for a source checkout without `pip install -e .`
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
-import optax
 
 T0 = time.perf_counter()
 DENSITY = 0.25
@@ -59,83 +56,33 @@ else:
 TIME_CAP_S = 90.0 if FAST else 300.0  # per run, a safety cap only: the token budget decides
 
 # %% [markdown]
-# ## The benchmark's trainer (or a minimal stand-in)
+# ## The benchmark's trainer
+#
+# `benchmarks/copy_task.py` is a script, not part of the package: load it from the repository
+# that holds the imported `snapjax` (an error here means the checkout has no `benchmarks/`).
 
 
 # %%
 def load_benchmark():
-    """benchmarks/copy_task.py of the repository holding the imported snapjax, or None."""
     path = Path(snapjax.__file__).resolve().parent.parent / "benchmarks" / "copy_task.py"
-    if not path.exists():
-        return None
-    try:
-        spec = importlib.util.spec_from_file_location("snapjax_copy_task_benchmark", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        mod.CopyConfig, mod.train_copy  # the API used below
-        return mod
-    except Exception as e:  # noqa: BLE001 - fall back to the stand-in, but say why
-        print(f"benchmarks/copy_task.py not usable ({type(e).__name__}: {e}); using the stand-in")
-        return None
-
-
-def train_copy_minimal(method, density, seed, units, batch_size, lr, token_budget, max_length, time_cap):
-    """Stand-in: the same protocol with snapjax.online.OnlineLearner (RTRL / SnAp-n only).
-
-    Differences from the benchmark: sequences are padded to ``max_length`` (one compilation),
-    and the padded steps (no target) still take an optimizer step with a zero gradient."""
-    from snapjax import GRUCell
-    from snapjax.data.copy_task import (NUM_TOKENS, bits_per_bit, copy_task_batch, curriculum_init,
-                                        curriculum_update, one_hot_inputs)
-    from snapjax.online import OnlineLearner
-    from snapjax.sparsity import random_masks
-
-    cell = GRUCell(units)
-    key, k_data = jax.random.split(jax.random.key(seed))
-    p0 = cell.init(key, jax.numpy.zeros((1, units)), jax.numpy.zeros((1, NUM_TOKENS)))["params"]
-    masks = random_masks(seed, p0, density, spec=cell) if density < 1 else None
-    learner = OnlineLearner(cell, 2, method=method, optimizer=optax.adam(lr), masks=masks)
-    st = learner.init(key, None, batch_size, NUM_TOKENS)
-
-    @jax.jit
-    def train_batch(st, kb, L):  # sequences padded to max_length: one compilation for every L
-        b = copy_task_batch(kb, batch_size, L, max_length=max_length)
-        st = learner.reset_carry(st)  # every batch holds fresh sequences
-        st, logits, _ = learner.run(st, one_hot_inputs(b.inputs), b.targets, b.loss_mask)
-        return st, bits_per_bit(logits, b.targets, b.loss_mask)
-
-    cur = curriculum_init(1, 0.15, 10, max_length=max_length)
-    hist = {"tokens": [0], "L": [1], "loss_bits": [float("nan")]}
-    tokens, L, t0 = 0, 1, time.perf_counter()
-    while tokens < token_budget and time.perf_counter() - t0 < time_cap:
-        k_data, kb = jax.random.split(k_data)
-        st, bits = train_batch(st, kb, L)
-        cur = curriculum_update(cur, bits)
-        tokens += batch_size * (2 * L + 1)
-        L = int(cur.length)
-        hist["tokens"].append(tokens), hist["L"].append(L), hist["loss_bits"].append(float(bits))
-    return {"label": method, "final_L": L, "tokens": tokens, "hit_time_cap": tokens < token_budget,
-            "history": hist}
+    spec = importlib.util.spec_from_file_location("snapjax_copy_task_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 bench = load_benchmark()
-if bench is None and not FAST:
-    METHODS = tuple(m for m in METHODS if m not in ("uoro", "tbptt"))
-if bench is None:
-    METHODS = tuple(m for m in METHODS if m != "tbptt")
-print("trainer:", "benchmarks/copy_task.py" if bench is not None else "minimal stand-in", "| methods:", METHODS)
+print("methods:", METHODS)
 
 
 def train(method, seed=0):
-    if bench is not None:
-        fields = {f.name for f in dataclasses.fields(bench.CopyConfig)}
-        overrides = {**SETTINGS, "methods": METHODS, "densities": (DENSITY,), "seeds": (seed,), "window": 10,
-                     "time_budget_s": TIME_CAP_S}
-        base = {k: v for k, v in getattr(bench, "QUICK", {}).items() if k in fields}
-        cfg = bench.CopyConfig(**{**base, **{k: v for k, v in overrides.items() if k in fields}})
-        return bench.train_copy(method, DENSITY, seed, cfg, progress=False)
-    return train_copy_minimal(method, DENSITY, seed, time_cap=TIME_CAP_S, **SETTINGS)
+    fields = {f.name for f in dataclasses.fields(bench.CopyConfig)}
+    overrides = {**SETTINGS, "methods": METHODS, "densities": (DENSITY,), "seeds": (seed,), "window": 10,
+                 "time_budget_s": TIME_CAP_S}
+    base = {k: v for k, v in bench.QUICK.items() if k in fields}
+    cfg = bench.CopyConfig(**{**base, **{k: v for k, v in overrides.items() if k in fields}})
+    return bench.train_copy(method, DENSITY, seed, cfg, progress=False)
 
 
 # %% [markdown]
