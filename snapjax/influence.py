@@ -408,6 +408,7 @@ def influence_tracker(
     *,
     masks: Mapping[str, Any] | None = None,
     precision: Any = None,
+    layout: Layout | None = None,
 ) -> InfluenceTracker:
     """Build the static influence configuration for ``cell`` and ``params``.
 
@@ -418,9 +419,15 @@ def influence_tracker(
       n: SnAp order, ``n >= 1``.  SnAp-n with ``n >= k`` equals RTRL.
       masks: optional static 0/1 masks per projection name, each of the kernel's shape.
       precision: matmul precision of the propagation (``"highest"`` for exact float32 on GPU).
+      layout: storage of SnAp-n for ``n >= 2``: ``"table"`` (gathered neighbours, cost
+        ``∝ K²`` per parameter) or ``"dense"`` (all units, one batched matmul with ``D``, then
+        masked to the pattern — the same values).  Default: ``"dense"`` when the neighbour
+        table is more than half full (the gather no longer pays), else ``"table"``.  SnAp-1
+        is always ``"diag"`` and RTRL always ``"dense"``.
 
     Raises:
-      ValueError: unknown method, bad ``n``, masks of the wrong shape, bad parameter layout.
+      ValueError: unknown method, bad ``n``, masks of the wrong shape, bad parameter layout,
+        a layout the method cannot use.
     """
     spec = as_cell_spec(cell)
     method, n = parse_method(method, n)
@@ -429,13 +436,23 @@ def influence_tracker(
     kernels = {
         p.name: kernel_layout(mask_dict[p.name], int(np.shape(params[p.name]["kernel"])[0])) for p in spec.projections
     }
+    if layout not in (None, "diag", "table", "dense"):
+        raise ValueError(f"unknown layout {layout!r}: expected 'diag', 'table' or 'dense'")
+    allowed = ("dense",) if method == "rtrl" else ("diag",) if n == 1 else ("table", "dense")
+    if layout is not None and layout not in allowed:
+        raise ValueError(f"layout {layout!r} is not available for {method}{n or ''}; use one of {allowed}")
     if method == "rtrl":
         table = neighbour_table(spec, None, spec.units)
-        layout: Layout = "dense"
+        layout = "dense"
         patterns = None
     else:
         table = neighbour_table(spec, mask_dict, n)
-        layout = "diag" if n == 1 else ("dense" if table.width == spec.units else "table")
+        if n == 1:
+            layout = "diag"
+        elif table.width == spec.units:
+            layout = "dense"  # a full table is RTRL's storage whatever was asked
+        elif layout is None:
+            layout = "dense" if 2 * table.width > spec.units else "table"
         patterns = component_patterns(spec, mask_dict, table, n, dense=layout == "dense")
     return InfluenceTracker(
         spec=spec,

@@ -151,15 +151,13 @@ def density_report(params: PyTree, masks: Mapping[str, Any] | None) -> dict:
 
 
 def snap_pattern_size(cell: Any, params: PyTree, masks: Mapping[str, Any] | None, n: int | None) -> int:
-    """Stored influence entries per example for SnAp-``n`` (``n=None``: exact RTRL).
+    """Entries of the SnAp-``n`` pattern ``M_n`` per example (``n=None``: exact RTRL).
 
-    This is ``influence_tracker(...).num_stored()``: for each (unmasked, compressed) parameter,
-    the number of state entries kept, i.e. ``Σ_leaves rows × units × K × m`` where ``K`` is
-    the padded neighbour-table width (``1`` for SnAp-1, ``units`` for RTRL / full tables).  It
-    includes the padding of the table and of the compressed kernel layout (with
-    ``random_masks(..., fan_in=True)`` the kernel layout has none), so it is the real memory
-    footprint in floats, an upper bound of the exact pattern size ``|M_n|``.  Multiply by the
-    dtype size and the batch for bytes.
+    This is ``influence_tracker(...).pattern_count()``: for each unmasked parameter, the number
+    of state entries it can influence within ``n`` steps (``m`` per unit for SnAp-1, all
+    ``k`` for RTRL).  The memory actually stored, padding included, is
+    ``influence_tracker(...).num_stored()`` (≥ this; equal for SnAp-1 with
+    ``random_masks(..., fan_in=True)``).  Multiply by the dtype size and the batch for bytes.
     """
     from snapjax.influence import influence_tracker
 
@@ -167,4 +165,4 @@ def snap_pattern_size(cell: Any, params: PyTree, masks: Mapping[str, Any] | None
         tr = influence_tracker(cell, params, "rtrl", masks=masks)
     else:
         tr = influence_tracker(cell, params, "snap", n, masks=masks)
-    return tr.num_stored()
+    return tr.pattern_count()

@@ -28,7 +28,7 @@ def test_snap2_storage_scales_with_density(gru):
     sizes = {}
     for d in (0.5, 0.25, 0.1):
         masks = random_masks(0, params, d, spec=cell)
-        tr = sj.influence_tracker(cell, params, "snap", 2, masks=masks)
+        tr = sj.influence_tracker(cell, params, "snap", 2, masks=masks, layout="table")
         assert tr.layout == "table"
         sizes[d] = tr.num_stored()
         # stored = (nonzero params) x (table width K): the width is 1 + the largest out-degree

@@ -34,6 +34,16 @@ def test_bad_method(gru, method, n, match):
         sj.influence_tracker(cell, params, method, n)
 
 
+def test_bad_layout(gru):
+    cell, params = gru
+    with pytest.raises(ValueError, match="unknown layout"):
+        sj.influence_tracker(cell, params, "snap2", layout="sparse")
+    with pytest.raises(ValueError, match="not available"):
+        sj.influence_tracker(cell, params, "snap1", layout="table")
+    with pytest.raises(ValueError, match="not available"):
+        sj.influence_tracker(cell, params, "rtrl", layout="table")
+
+
 def test_method_aliases(gru):
     cell, params = gru
     for name, expect in [("snap1", ("snap", 1)), ("SnAp-2", ("snap", 2)), ("snap_3", ("snap", 3)), ("RTRL", ("rtrl", None))]:
