@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from snapjax.cells import CellSpec, as_cell_spec, cell_step
 from snapjax.influence import influence_tracker, parse_method
+from snapjax.uoro import uoro_tracker
 from snapjax.transforms import masked_updates, skip_nonfinite, skipped_count, tree_all_finite
 
 Array = jax.Array
@@ -181,11 +182,6 @@ def _finite_per_example(tree: PyTree, batch: int) -> Array:
 # ---------------------------------------------------------------------------
 # The learner.
 
-# Trackers are static and building one probes the cell eagerly (slow on CPU): share them
-# between learners with the same cell, method, parameter shapes and masks.
-_TRACKER_CACHE: dict = {}
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class OnlineLearner:
     """Static configuration of an online learner (hash by identity; close over it under jit).
@@ -300,33 +296,11 @@ class OnlineLearner:
         return cache[key]
 
     def _build_tracker(self, cell_params):
-        kind = self._kind
-        shape_key = tuple(
-            (jax.tree_util.keystr(path), tuple(jnp.shape(a)), jnp.result_type(a).name)
-            for path, a in jax.tree_util.tree_leaves_with_path(cell_params)
-        )
-        mask_key = tuple(
-            (k, np.asarray(m).shape, np.asarray(m).astype(bool).tobytes())
-            for k, m in sorted((self.masks or {}).items())
-            if m is not None
-        )
-        gkey = (self.spec, kind, self.method, self.n, shape_key, mask_key, str(self.precision))
-        if gkey in _TRACKER_CACHE:
-            return _TRACKER_CACHE[gkey]
         with jax.ensure_compile_time_eval():
             shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), cell_params)
-            if kind == "uoro":
-                try:
-                    from snapjax.uoro import uoro_tracker
-                except ImportError as e:  # pragma: no cover - depends on the repo state
-                    raise ValueError("method 'uoro' needs snapjax.uoro (not available)") from e
-                tracker = uoro_tracker(self.spec, shapes, masks=self.masks, precision=self.precision)
-            else:
-                tracker = influence_tracker(
-                    self.spec, shapes, self.method, self.n, masks=self.masks, precision=self.precision
-                )
-        _TRACKER_CACHE[gkey] = tracker
-        return tracker
+            if self._kind == "uoro":
+                return uoro_tracker(self.spec, shapes, masks=self.masks, precision=self.precision)
+            return influence_tracker(self.spec, shapes, self.method, self.n, masks=self.masks, precision=self.precision)
 
     def _np_masks(self, cell_params: PyTree) -> dict:
         out = {}
