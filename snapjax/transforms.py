@@ -121,7 +121,7 @@ def skip_nonfinite(inner: optax.GradientTransformation | None = None) -> optax.G
 
 def skipped_count(opt_state: PyTree) -> jax.Array:
     """Total skips recorded by the outermost :class:`SkipNonFiniteState` found in ``opt_state``
-    (searching depth-first through tuples); 0 if there is none."""
+    (searching depth-first through tuples); ``None`` if there is none."""
     if isinstance(opt_state, SkipNonFiniteState):
         return opt_state.total_skipped
     if isinstance(opt_state, (tuple, list)):
