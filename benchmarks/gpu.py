@@ -60,7 +60,6 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -145,23 +144,13 @@ def bptt_fn(cell, masks=None, loss=_loss):
 def donated_driver(tracker):
     """Chained online driver: ``(params, s, J, xs, ys) -> (s, J, grads, loss)``, with the
     state ``s`` (internal layout) and the influence ``J`` donated (argnums 1, 2), so the
-    caller chains chunks and the influence is updated in place.  Same step as
-    ``online_gradient`` (``tracker.step`` + ``tracker.gradient``), no per-step outputs."""
+    caller chains chunks and the influence is updated in place; it is
+    ``online_gradient`` continuing from ``J`` and returning ``J_T``."""
     spec = tracker.spec
 
     def run(params, s, J, xs, ys):
-        g0 = jax.tree.map(jnp.zeros_like, params)
-
-        def body(c, inp):
-            s, J, g, tot = c
-            x, y = inp
-            s, J = tracker.step(params, s, J, x)
-            loss, dlds = jax.value_and_grad(lambda st: _loss(spec.output(st), y))(s)
-            g = jax.tree.map(jnp.add, g, tracker.gradient(J, dlds))
-            return (s, J, g, tot + loss), None
-
-        (s, J, g, tot), _ = lax.scan(body, (s, J, g0, jnp.zeros((), s.dtype)), (xs, ys))
-        return s, J, g, tot
+        out = sj.online_gradient(tracker, params, spec.from_internal(s), xs, ys, _loss, influence=J)
+        return spec.to_internal(out.final_carry), out.final_method_state, out.grads, out.loss
 
     return jax.jit(run, donate_argnums=(1, 2))
 

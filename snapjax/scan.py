@@ -26,12 +26,15 @@ __all__ = ["SequenceGradient", "online_gradient", "bptt_gradient"]
 
 class SequenceGradient(NamedTuple):
     """Result of a driver: ``loss`` (scalar Σ_t L_t), ``grads`` (parameter-shaped),
-    ``outputs`` (``(T, B, units)`` cell outputs), ``final_carry`` (flax carry layout)."""
+    ``outputs`` (``(T, B, units)`` cell outputs), ``final_carry`` (flax carry layout) and
+    ``final_method_state`` (the online method's state after the last step, e.g. ``J_T``, to
+    continue a stream chunk by chunk; ``None`` for BPTT)."""
 
     loss: Array
     grads: PyTree
     outputs: Array
     final_carry: PyTree
+    final_method_state: Any = None
 
 
 def _check_sequence(spec: CellSpec, xs: Array, batch: int) -> None:
@@ -73,8 +76,8 @@ def online_gradient(
         g = jax.tree.map(jnp.add, g, tracker.gradient(J, dlds))
         return (s, J, g, total + loss), spec.output(s)
 
-    (s, _, grads, loss), outs = lax.scan(body, (s0, influence, grads0, jnp.zeros((), s0.dtype)), (xs, ys))
-    return SequenceGradient(loss, grads, outs, spec.from_internal(s))
+    (s, J, grads, loss), outs = lax.scan(body, (s0, influence, grads0, jnp.zeros((), s0.dtype)), (xs, ys))
+    return SequenceGradient(loss, grads, outs, spec.from_internal(s), J)
 
 
 def bptt_gradient(

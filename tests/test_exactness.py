@@ -163,3 +163,16 @@ def test_flax_linen_cells_rtrl_equals_bptt(x64, flax_cls):
     ref = jax.grad(total)(params)
     out = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
     assert tree_rel_err(out.grads, ref) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["rtrl", "snap2"])
+def test_online_gradient_continues_across_chunks(x64, method):
+    """Two chunks chained through ``final_carry`` / ``final_method_state`` give exactly the
+    one-sequence result (the influence is carried, not reset)."""
+    cell, params, carry0, xs, ys = _setup(sj.GRUCell, 5, 3, 2, 8, seed=13)
+    tracker = sj.influence_tracker(cell, params, method)
+    whole = sj.online_gradient(tracker, params, carry0, xs, ys, _loss)
+    a = sj.online_gradient(tracker, params, carry0, xs[:3], ys[:3], _loss)
+    b = sj.online_gradient(tracker, params, a.final_carry, xs[3:], ys[3:], _loss, influence=a.final_method_state)
+    assert tree_rel_err(jax.tree.map(jnp.add, a.grads, b.grads), whole.grads) < 1e-13
+    assert sj.bptt_gradient(cell, params, carry0, xs, ys, _loss).final_method_state is None
