@@ -2,20 +2,28 @@
 
 * ``METHODS``: method keys and their display labels.
 * ``make_masks``: static random sparsity masks at a given parameter density.
-* ``OnlineTrainer``: a small, self-contained online learner (GRU cell + dense read-out +
-  optax) for RTRL / SnAp-n (through :func:`snapjax.influence_tracker`), UORO and truncated
-  BPTT.  It processes fixed-size *chunks* of time steps in one jitted ``lax.scan`` so that a
-  benchmark compiles once per method, whatever the sequence length; padded steps are
-  skipped with ``lax.cond`` (they cost almost nothing).
+* ``ChunkedLearner``: a thin driver around :class:`snapjax.OnlineLearner` (GRU cell + dense
+  read-out + optax; RTRL / SnAp-n, UORO and truncated BPTT).  All the online maths (cell step,
+  influence, gradient, optimiser update) is ``OnlineLearner.step``; the driver adds the
+  benchmarks' initialisation (read-out ``N(0, 1/units)``, zero bias; UORO's sign key as in the
+  published runs), fixed-size *chunks* of time steps in one jitted ``lax.scan`` so that a
+  benchmark compiles once per method whatever the sequence length (padded steps are skipped
+  with ``lax.cond`` for the online methods and run with a zero loss mask for TBPTT, whose
+  windows thereby stay aligned with the sequence start), an optimiser-step counter and a
+  forward-only evaluation.  ``run_sequence`` feeds one time-major batch through it.
 * ``plot_curves`` / ``write_json`` / ``markdown_table``: output helpers.
 
-Update rule (all online methods): after every time step ``t`` whose loss mask is non-zero
-for at least one example, the parameters take one optimiser step with the gradient of
-``L_t = Σ_b mask_tb · CE_tb / B`` estimated by the method (exact for the read-out).  Steps
-with no scored example (e.g. the copy task's presentation phase) only propagate the state
-and the influence.  Truncated BPTT instead takes one step per window of ``tbptt_window``
-steps with the exact gradient of the window's summed loss (state carried across windows
-without gradient).
+Update rule (all online methods; ``OnlineLearner(..., skip_unscored_updates=True)``): after
+every time step ``t`` whose loss mask is non-zero for at least one example, the parameters take
+one optimiser step with the gradient of the masked mean ``L_t = Σ_b mask_tb · CE_tb / Σ_b
+mask_tb`` estimated by the method (exact for the read-out); in both benchmarks a step's mask is
+all ones or all zeros, so this is ``Σ_b mask_tb · CE_tb / B``.  Steps with no scored example
+(e.g. the copy task's presentation phase) make no optimiser call (parameters and Adam state
+unchanged) and only propagate the state and the influence.  Truncated BPTT instead takes one
+step per window of ``tbptt_window`` steps with the exact gradient of the window's summed loss
+(state carried across windows without gradient), skipped if the window has no scored example.
+The library's robustness applies too: a non-finite gradient skips the update, and an example
+whose state or influence becomes non-finite is reset.
 """
 
 from __future__ import annotations
@@ -38,8 +46,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an
     sys.path.insert(0, str(REPO_ROOT))
 
 from snapjax.cells import GRUCell, cell_step
-from snapjax.influence import influence_tracker
-from snapjax.uoro import uoro_tracker
+from snapjax.online import OnlineLearner, OnlineState
 
 PyTree = Any
 
@@ -92,40 +99,38 @@ def make_masks(seed: int, params: PyTree, density: float, spec) -> dict | None:
     return masks
 
 
-def apply_masks(params: PyTree, masks: dict | None) -> PyTree:
-    """Zero the masked-out kernel entries (cosmetic: the cell multiplies by the mask)."""
-    if not masks:
-        return params
-    out = dict(params)
-    for name, m in masks.items():
-        out[name] = {**params[name], "kernel": params[name]["kernel"] * jnp.asarray(m, params[name]["kernel"].dtype)}
-    return out
-
-
 # --------------------------------------------------------------------------- learner
 class TrainState(NamedTuple):
-    params: PyTree  # {'cell': ..., 'readout': {'kernel', 'bias'}}
-    opt_state: PyTree
-    s: jax.Array  # (B, units, m) internal cell state
-    aux: PyTree  # influence (rtrl/snap), (s_tilde, theta_tilde) (uoro), () (tbptt)
-    key: jax.Array
+    """State of a :class:`ChunkedLearner` run (a pytree)."""
+
+    online: OnlineState  # the snapjax.OnlineLearner state (params, optimiser, carry, influence, ...)
     updates: jax.Array  # number of optimiser steps taken
 
-
-def _readout_loss(rp, h, y, m):
-    logits = h @ rp["kernel"] + rp["bias"]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-    return jnp.sum(m * ce) / h.shape[0], ce
+    @property
+    def params(self) -> PyTree:
+        """``{'cell': ..., 'readout': {'kernel', 'bias'}}``."""
+        return self.online.params
 
 
-class OnlineTrainer:
-    """Online learner for one method (static; close over it in jitted code).
+def _as_typed_key(key: jax.Array) -> jax.Array:
+    """A typed PRNG key with the same bits (OnlineLearner keeps typed keys running across
+    resets; raw ``uint32`` keys would not be recognised as keys)."""
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+class ChunkedLearner:
+    """Benchmark driver around :class:`snapjax.OnlineLearner` (static; close over it in jitted code).
+
+    A GRU cell (inputs: int tokens, one-hot encoded inside) with a dense read-out, trained by
+    ``OnlineLearner(..., skip_unscored_updates=True)``: every time step goes through
+    :meth:`snapjax.OnlineLearner.step`.  This class only adds what the benchmarks need around
+    it: the benchmarks' initialisation, fixed-size jitted chunks with padded steps,
+    an update counter and a forward-only evaluation.
 
     Args:
-      units: GRU units.  n_in: input vocabulary size (inputs are int tokens, one-hot encoded
-      inside).  n_out: read-out classes.  method: key of ``METHODS``.
-      optimizer: an optax transformation.  masks: static kernel masks or None.
+      units: GRU units.  n_in: input vocabulary size.  n_out: read-out classes.
+      method: key of ``METHODS``.  optimizer: an optax transformation.
+      masks: static kernel masks or None.
       tbptt_window: window (and chunk length) for ``"tbptt"``.
       chunk: steps per jitted call for the online methods.
     """
@@ -148,10 +153,19 @@ class OnlineTrainer:
         self.cell = GRUCell(features=units)
         self.spec = self.cell.spec
         self.units, self.n_in, self.n_out = units, n_in, n_out
-        self.method, self.opt, self.masks = method, optimizer, masks
-        self.precision = precision
+        self.method, self.masks = method, masks
         self.tbptt_window = int(tbptt_window)
         self.chunk = self.tbptt_window if method == "tbptt" else int(chunk)
+        self.learner = OnlineLearner(
+            self.cell,
+            n_out,
+            method=method,
+            optimizer=optimizer,
+            masks=masks,
+            precision=precision,
+            tbptt_window=self.tbptt_window if method == "tbptt" else None,
+            skip_unscored_updates=True,
+        )
         self.tracker = None
         self.run_chunk = jax.jit(self._run_chunk)
         self.reset = jax.jit(self._reset)
@@ -159,29 +173,25 @@ class OnlineTrainer:
 
     # ------------------------------------------------------------------ init
     def init_params(self, key: jax.Array) -> PyTree:
+        """Cell parameters from ``cell.init`` and a read-out ``N(0, 1/units)`` with zero bias
+        (unmasked: ``OnlineLearner.init`` applies the masks)."""
         k1, k2 = jax.random.split(key)
         x = jnp.zeros((1, self.n_in), jnp.float32)
-        cp = self.cell.init(k1, jnp.zeros((1, self.units)), x)["params"]
-        cp = jax.tree.map(lambda a: a, dict(cp))
-        cp = apply_masks(cp, self.masks)
+        cp = dict(self.cell.init(k1, jnp.zeros((1, self.units)), x)["params"])
         rk = jax.random.normal(k2, (self.units, self.n_out)) / math.sqrt(self.units)
         return {"cell": cp, "readout": {"kernel": rk, "bias": jnp.zeros((self.n_out,))}}
 
     def init(self, key: jax.Array, batch_size: int) -> TrainState:
         kp, kr = jax.random.split(key)
         params = self.init_params(kp)
-        cp = params["cell"]
-        s = self.spec.zero_state(batch_size)
-        if self.method in ("rtrl",) or self.method.startswith("snap"):
-            self.tracker = influence_tracker(self.spec, cp, self.method, masks=self.masks, precision=self.precision)
-            aux = self.tracker.init(batch_size)
-        elif self.method == "uoro":
-            kr, ku = jax.random.split(kr)
-            self.tracker = uoro_tracker(self.spec, cp, masks=self.masks, precision=self.precision)
-            aux = self.tracker.init(batch_size, key=ku)
-        else:
-            aux = ()
-        return TrainState(params, self.opt.init(params), s, aux, kr, jnp.zeros((), jnp.int32))
+        state = self.learner.init(_as_typed_key(kr), params, batch_size, self.n_in)
+        self.tracker = self.learner.tracker(state.params["cell"])
+        if self.method == "uoro":
+            # UORO's random signs come from this key (the benchmarks' seeding since the first
+            # published results): the running key then continues across sequence resets.
+            ku = jax.random.split(kr)[1]
+            state = state._replace(method_state=self.tracker.init(batch_size, key=_as_typed_key(ku)))
+        return TrainState(state, jnp.zeros((), jnp.int32))
 
     def influence_floats(self, batch_size: int = 1) -> int:
         """Floats of method state per example (influence / UORO vectors), 0 for TBPTT."""
@@ -190,80 +200,54 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ pieces
     def _reset(self, ts: TrainState) -> TrainState:
         """Zero the hidden state and the method state (start of an independent sequence)."""
-        # Zero the floating leaves only: UORO's PRNG key keeps running across sequences.
-        zero = lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating) else a
-        return ts._replace(s=jnp.zeros_like(ts.s), aux=jax.tree.map(zero, ts.aux))
-
-    def _apply(self, ts: TrainState, grads: PyTree, do: jax.Array) -> TrainState:
-        updates, new_opt = self.opt.update(grads, ts.opt_state, ts.params)
-        new_params = optax.apply_updates(ts.params, updates)
-        sel = lambda a, b: jax.tree.map(lambda u, v: jnp.where(do, u, v), a, b)
-        return ts._replace(
-            params=sel(new_params, ts.params),
-            opt_state=sel(new_opt, ts.opt_state),
-            updates=ts.updates + do.astype(jnp.int32),
-        )
-
-    def _dlds(self, s, dldh):
-        return jnp.zeros_like(s).at[..., self.spec.readout].set(dldh)
-
-    def _online_step(self, ts: TrainState, x, y, m):
-        spec, cp, rp = self.spec, ts.params["cell"], ts.params["readout"]
-        s, aux = self.tracker.step(cp, ts.s, ts.aux, x)
-        h = spec.output(s)
-        (_, ce), (g_r, dldh) = jax.value_and_grad(_readout_loss, argnums=(0, 1), has_aux=True)(rp, h, y, m)
-        g_c = self.tracker.gradient(aux, self._dlds(s, dldh))
-        ts = ts._replace(s=s, aux=aux)
-        ts = self._apply(ts, {"cell": g_c, "readout": g_r}, jnp.sum(m) > 0)
-        return ts, ce
+        return ts._replace(online=self.learner.reset_carry(ts.online))
 
     def _run_chunk(self, ts: TrainState, tokens, targets, mask, valid):
         """Process ``C`` steps: tokens/targets int ``(C, B)``, mask float ``(C, B)``, valid bool ``(C,)``.
 
+        Every valid step is one :meth:`snapjax.OnlineLearner.step`.  Invalid (padding) steps
+        are skipped with ``lax.cond`` for the online methods; for TBPTT they are run with a
+        zero loss mask so that windows stay aligned with the sequence start.
         Returns ``(ts, ce)`` with per-step cross-entropy (nats) ``(C, B)`` (0 on invalid steps).
         """
+        learner = self.learner
         xs = jax.nn.one_hot(tokens, self.n_in, dtype=jnp.float32)
-        if self.method == "tbptt":
-            return self._tbptt_chunk(ts, xs, targets, mask * valid[:, None])
 
-        def body(ts, inp):
+        def live(st, x, y, m):
+            st, logits, metrics = learner.step(st, x, y, m)
+            return st, learner.loss_fn(logits, y), metrics["updated"]
+
+        def pad(st, x, y, m):
+            return st, jnp.zeros(y.shape, jnp.float32), jnp.asarray(False)
+
+        def body(carry, inp):
+            st, n = carry
             x, y, m, v = inp
-            return lax.cond(v, self._online_step, lambda t, *_: (t, jnp.zeros(y.shape, jnp.float32)), ts, x, y, m)
+            if self.method == "tbptt":
+                st, ce, upd = live(st, x, y, m * v)
+                ce = jnp.where(v, ce, 0.0)
+            else:
+                st, ce, upd = lax.cond(v, live, pad, st, x, y, m)
+            return (st, n + upd.astype(jnp.int32)), ce
 
-        return lax.scan(body, ts, (xs, targets, mask, valid))
-
-    def _tbptt_chunk(self, ts: TrainState, xs, ys, ms):
-        spec = self.spec
-
-        def total(params, s0):
-            def body(s, inp):
-                x, y, m = inp
-                s = cell_step(spec, params["cell"], s, x, self.masks, self.precision)
-                loss, ce = _readout_loss(params["readout"], spec.output(s), y, m)
-                return s, (loss, ce)
-
-            s, (losses, ce) = lax.scan(body, s0, (xs, ys, ms))
-            return losses.sum(), (s, ce)
-
-        (_, (s, ce)), g = jax.value_and_grad(total, has_aux=True)(ts.params, ts.s)
-        ts = ts._replace(s=s)
-        return self._apply(ts, g, jnp.sum(ms) > 0), ce
+        (st, n), ce = lax.scan(body, (ts.online, ts.updates), (xs, targets, mask, valid))
+        return TrainState(st, n), ce
 
     def _evaluate(self, params, tokens, targets):
         """Forward-only cross-entropy (nats) ``(T, B)`` from a zero state (no learning)."""
-        spec = self.spec
+        learner, spec = self.learner, self.spec
         xs = jax.nn.one_hot(tokens, self.n_in, dtype=jnp.float32)
-        ones = jnp.ones(targets.shape[1:], jnp.float32)
 
         def body(s, inp):
             x, y = inp
-            s = cell_step(spec, params["cell"], s, x, self.masks, self.precision)
-            return s, _readout_loss(params["readout"], spec.output(s), y, ones)[1]
+            s = cell_step(spec, params["cell"], s, x, learner.tracker_masks, learner.precision)
+            logits = learner.readout.apply({"params": params["readout"]}, spec.output(s))
+            return s, learner.loss_fn(logits, y)
 
         return lax.scan(body, spec.zero_state(tokens.shape[1]), (xs, targets))[1]
 
 
-def run_sequence(trainer: OnlineTrainer, ts: TrainState, tokens, targets, mask):
+def run_sequence(trainer: ChunkedLearner, ts: TrainState, tokens, targets, mask):
     """Feed one time-major batch ``(T, B)`` through ``trainer`` in chunks (padding the tail).
 
     Returns ``(ts, ce (T, B) numpy)``.

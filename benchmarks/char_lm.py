@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     METHODS,
-    OnlineTrainer,
+    ChunkedLearner,
     make_masks,
     markdown_table,
     mean_std,
@@ -92,7 +92,7 @@ QUICK = dict(
 )
 
 
-def _val_bpc(trainer: OnlineTrainer, params, val_inputs, val_targets) -> float:
+def _val_bpc(trainer: ChunkedLearner, params, val_inputs, val_targets) -> float:
     ce = trainer.evaluate(params, val_inputs, val_targets)
     return float(np.mean(np.asarray(ce)) / math.log(2.0))
 
@@ -102,9 +102,9 @@ def train_char(method: str, density: float, seed: int, corpus: TextCorpus, cfg: 
     """Train one (method, density, seed) run on ``corpus``; returns a JSON-able record."""
     V = corpus.vocab_size
     key = jax.random.PRNGKey(seed)
-    probe = OnlineTrainer(cfg.units, V, V, method, optax.adam(cfg.lr))
+    probe = ChunkedLearner(cfg.units, V, V, method, optax.adam(cfg.lr))
     masks = make_masks(seed, probe.init_params(key)["cell"], density, probe.spec)
-    trainer = OnlineTrainer(cfg.units, V, V, method, optax.adam(cfg.lr), masks=masks,
+    trainer = ChunkedLearner(cfg.units, V, V, method, optax.adam(cfg.lr), masks=masks,
                             tbptt_window=cfg.window, chunk=cfg.window)
     ts = trainer.init(key, cfg.batch_size)
 

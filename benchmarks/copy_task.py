@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     METHODS,
-    OnlineTrainer,
+    ChunkedLearner,
     make_masks,
     markdown_table,
     mean_std,
@@ -103,9 +103,9 @@ def train_copy(method: str, density: float, seed: int, cfg: CopyConfig, progress
     """Train one (method, density, seed) run; returns a JSON-able record."""
     key = jax.random.PRNGKey(seed)
     k_init, k_data = jax.random.split(key)
-    probe = OnlineTrainer(cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr))
+    probe = ChunkedLearner(cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr))
     masks = make_masks(seed, probe.init_params(k_init)["cell"], density, probe.spec)
-    trainer = OnlineTrainer(
+    trainer = ChunkedLearner(
         cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr),
         masks=masks, tbptt_window=cfg.tbptt_window, chunk=cfg.chunk,
     )

@@ -19,7 +19,12 @@ At every time step ``t`` (see :meth:`OnlineLearner.step`):
 4. every ``update_every`` steps ``grad_acc`` (the *sum* of the per-step gradients) goes through
    the optimizer, wrapped as ``skip_nonfinite(chain(optimizer, masked_updates(masks)))``, and
    is reset.  The influence is *not* reset at updates (the standard RTRL online
-   approximation) unless ``reset_influence=True``.
+   approximation) unless ``reset_influence=True``.  With ``skip_unscored_updates=True`` (needs
+   ``update_every=1``) a step whose loss mask is all zero (no scored example, e.g. the
+   presentation phase of a copy task) makes no optimizer call at all: parameters and
+   optimizer state stay bit-identical and only the hidden state and influence advance.  By
+   default such a step still applies the optimizer to a zero gradient, which moves the
+   parameters for stateful optimizers (Adam's momentum) and advances their step counts.
 
 Online state stays finite: an example whose new hidden state or influence is non-finite
 (NaN/Inf input, overflow) is reset to the zero state/influence for the following steps; the
@@ -28,7 +33,11 @@ non-finite gradient of that step makes the update be skipped (``metrics['skipped
 TBPTT (``method="tbptt"``, ``tbptt_window=W``): the cell runs forward; the window's inputs,
 targets, masks and the state at the window start are kept in fixed-size buffers
 (:class:`TBPTTState`), and every ``W`` steps the exact BPTT gradient of the window's summed
-loss (cell and readout) is computed and applied (every ``update_every`` windows).
+loss (cell and readout) is computed and applied (every ``update_every`` windows; with
+``skip_unscored_updates=True`` only if some example of the window is scored).  The window
+clock is ``step``: windows are aligned with the start of the stream, and
+:meth:`OnlineLearner.reset_carry` does not restart them (pad sequences to a multiple of ``W``
+with zero-mask steps to align windows with sequence starts).
 
 Supported cells: snapjax's ``VanillaCell``/``GRUCell``/``LSTMCell`` (and any cell with a
 ``.spec``), ``flax.linen.GRUCell``, ``flax.linen.LSTMCell``, ``flax.linen.SimpleCell``
@@ -144,6 +153,17 @@ def _is_key(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
 
 
+def _typed_key(key: Any) -> Array:
+    """A typed PRNG key; legacy raw ``uint32`` keys (``jax.random.PRNGKey``) are wrapped, so that
+    the state's running key is recognised as a key (never rewound, never treated as batched)."""
+    if _is_key(key):
+        return key
+    raw = jnp.asarray(key)
+    if raw.dtype != jnp.uint32:
+        raise ValueError(f"key must be a PRNG key (jax.random.key) or a raw uint32 key, got dtype {raw.dtype}")
+    return jax.random.wrap_key_data(raw)
+
+
 def _tree_where(pred, a, b):
     """``a`` where ``pred`` else ``b``; PRNG-key leaves always come from ``a`` (a running key
     must not be rewound)."""
@@ -204,6 +224,14 @@ class OnlineLearner:
       tbptt_window: TBPTT window ``W``.
       reset_influence: re-initialise the influence after every update (truncated online
         gradient) instead of carrying it on.
+      skip_unscored_updates: if ``True``, an update whose steps carry no scored example
+        (loss mask all zero: the step itself, or for TBPTT the whole window) is not applied:
+        no optimizer call, parameters and optimizer state stay bit-identical, the (zero)
+        accumulated gradient is dropped and ``metrics['updated']`` is ``False``; the hidden
+        state and influence still advance.  If ``False`` (default), every ``update_every``-th
+        step calls the optimizer even with an all-zero gradient, which still moves the
+        parameters of optimizers with momentum (Adam) and advances their step counts.
+        Requires ``update_every=1``.
       target_shape, target_dtype: per-example target shape/dtype for TBPTT buffers with a
         custom loss (defaults: ``()``/int32 for softmax_xent, ``(readout_size,)``/param dtype
         for mse).
@@ -222,12 +250,15 @@ class OnlineLearner:
     reset_influence: bool = False
     target_shape: tuple | None = None
     target_dtype: Any = None
+    skip_unscored_updates: bool = False
 
     def __post_init__(self):
         if not isinstance(self.readout_size, (int, np.integer)) or self.readout_size < 1:
             raise ValueError(f"readout_size must be a positive int, got {self.readout_size!r}")
         if not isinstance(self.update_every, (int, np.integer)) or self.update_every < 1:
             raise ValueError(f"update_every must be a positive int, got {self.update_every!r}")
+        if self.skip_unscored_updates and self.update_every != 1:
+            raise ValueError("skip_unscored_updates=True needs update_every=1")
         if isinstance(self.loss, str) and self.loss not in _LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {sorted(_LOSSES)} or a callable")
         if not isinstance(self.loss, str) and not callable(self.loss):
@@ -350,6 +381,7 @@ class OnlineLearner:
         """
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        key = _typed_key(key)
         spec = self.spec
         if isinstance(params, Mapping) and set(params) == {"params"}:
             params = params["params"]
@@ -453,8 +485,9 @@ class OnlineLearner:
         Returns:
           ``(new_state, logits (B, readout_size), metrics)``; metrics: ``loss`` (masked mean
           over the batch), ``updated`` (bool: an optimizer update was applied, or attempted
-          and skipped), ``skipped`` (cumulative non-finite skips), ``resets`` (cumulative
-          example resets).
+          and skipped as non-finite; ``False`` for an update left out by
+          ``skip_unscored_updates``), ``skipped`` (cumulative non-finite skips), ``resets``
+          (cumulative example resets).
         """
         spec = self.spec
         x_t = jnp.asarray(x_t)
@@ -496,7 +529,19 @@ class OnlineLearner:
         def keep(_):
             return params, state.opt_state, grad_acc
 
-        if period == 1:  # static: no cond (smaller program, faster compile)
+        if self.skip_unscored_updates:
+            # update_every == 1: the update covers this step (TBPTT: the window just completed,
+            # whose masks are all in the buffer at its last step).
+            covered = method_state.masks if self._kind == "tbptt" else mask_t
+            period_end = do_update
+            do_update = jnp.logical_and(period_end, jnp.any(covered > 0))
+
+            def drop(_):  # no optimizer call; the (zero) gradient of an unscored period is dropped
+                acc = jax.tree.map(lambda g: jnp.where(period_end, jnp.zeros_like(g), g), grad_acc)
+                return params, state.opt_state, acc
+
+            new_params, opt_state, grad_acc = lax.cond(do_update, apply, drop, None)
+        elif period == 1:  # static: no cond (smaller program, faster compile)
             new_params, opt_state, grad_acc = apply(None)
             do_update = jnp.asarray(True)
         else:

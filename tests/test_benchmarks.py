@@ -24,7 +24,7 @@ from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
 
 
 def test_make_masks_density():
-    tr = common.OnlineTrainer(8, NUM_TOKENS, 2, "snap1", optax.adam(1e-3))
+    tr = common.ChunkedLearner(8, NUM_TOKENS, 2, "snap1", optax.adam(1e-3))
     params = tr.init_params(jax.random.PRNGKey(0))["cell"]
     assert common.make_masks(0, params, 1.0, tr.spec) is None
     masks = common.make_masks(0, params, 0.25, tr.spec)
@@ -42,7 +42,7 @@ def test_chunking_is_invisible():
     inputs, targets, mask = (np.asarray(a) for a in batch)
     out = []
     for chunk in (3, 16):
-        tr = common.OnlineTrainer(6, NUM_TOKENS, 2, "snap1", optax.adam(1e-2), chunk=chunk)
+        tr = common.ChunkedLearner(6, NUM_TOKENS, 2, "snap1", optax.adam(1e-2), chunk=chunk)
         ts = tr.init(jax.random.PRNGKey(0), 4)
         ts, ce = common.run_sequence(tr, ts, inputs, targets, mask)
         ts, ce2 = common.run_sequence(tr, tr.reset(ts), inputs, targets, mask)

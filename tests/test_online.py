@@ -229,3 +229,99 @@ def test_uoro_method_runs_and_stays_finite():
         assert np.isfinite(np.asarray(leaf)).all()
     reset = learner.reset_carry(state)
     assert np.all(np.asarray(reset.method_state.s_tilde) == 0)
+
+
+@pytest.mark.parametrize("method", ["snap1", "uoro"])
+def test_skip_unscored_updates_leaves_params_and_opt_state_bit_identical(method):
+    """With skip_unscored_updates=True a step whose mask is all zero makes no optimizer call;
+    by default Adam still moves the parameters (momentum) on such a step."""
+    B, n_in, T = 3, 2, 4
+    xs = jax.random.normal(jax.random.key(8), (T + 1, B, n_in))
+    ys = jnp.ones((T + 1, B), jnp.int32)
+    masks = jnp.ones((T + 1, B)).at[T].set(0.0)  # T scored steps, then a fully masked one
+    masks = masks.at[1, 0].set(0.0)  # a partly masked step is still scored
+    kw = dict(method=method, optimizer=optax.adam(1e-2))
+    skip = OnlineLearner(nn.GRUCell(4), 2, skip_unscored_updates=True, **kw)
+    default = OnlineLearner(nn.GRUCell(4), 2, **kw)
+    out = {}
+    for name, learner in (("skip", skip), ("default", default)):
+        run = jax.jit(learner.run)
+        state0 = learner.init(jax.random.key(0), None, batch_size=B, input_size=n_in)
+        state, _, m1 = run(state0, xs[:T], ys[:T], masks[:T])
+        after, _, m2 = run(state, xs[T:], ys[T:], masks[T:])
+        out[name] = (state0, state, after, m1, m2)
+    # Same updates on the scored steps (same maths; equal up to XLA rounding).
+    chex.assert_trees_all_close(out["skip"][1].params, out["default"][1].params, rtol=1e-6, atol=1e-7)
+    assert np.asarray(out["skip"][3]["updated"]).tolist() == [True] * T
+    # Fully masked step: no update with the option ...
+    _, state, after, _, m2 = out["skip"]
+    assert np.asarray(m2["updated"]).tolist() == [False]
+    chex.assert_trees_all_equal(after.params, state.params)
+    chex.assert_trees_all_equal(after.opt_state, state.opt_state)
+    chex.assert_trees_all_equal(after.grad_acc, jax.tree.map(jnp.zeros_like, after.grad_acc))
+    assert int(after.step) == T + 1
+    assert not np.array_equal(np.asarray(after.carry), np.asarray(state.carry))  # state advances
+    # ... while the default applies Adam to a zero gradient, which moves the parameters.
+    _, state_d, after_d, _, m2_d = out["default"]
+    assert np.asarray(m2_d["updated"]).tolist() == [True]
+    assert not np.array_equal(
+        np.asarray(after_d.params["readout"]["kernel"]), np.asarray(state_d.params["readout"]["kernel"])
+    )
+
+
+def test_skip_unscored_updates_traces_once_and_tbptt_windows():
+    """The option compiles once for mixed chunks; TBPTT skips windows with no scored example."""
+    B, n_in, W = 2, 2, 3
+    learner = OnlineLearner(sj.GRUCell(4), 2, method="snap1", optimizer=optax.adam(1e-2), skip_unscored_updates=True)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(state, xs, ys, ms):
+        return learner.run(state, xs, ys, ms)
+
+    state = learner.init(jax.random.key(0), None, batch_size=B, input_size=n_in)
+    xs = jax.random.normal(jax.random.key(9), (4, B, n_in))
+    ys = jnp.zeros((4, B), jnp.int32)
+    pattern = jnp.array([[0, 0], [1, 0], [0, 0], [1, 1]], jnp.float32)
+    state, _, m = run(state, xs, ys, pattern)
+    state, _, m2 = run(state, xs + 1.0, ys, 1.0 - pattern)  # same shapes: no retrace
+    assert np.asarray(m["updated"]).tolist() == [False, True, False, True]
+    assert np.asarray(m2["updated"]).tolist() == [True, True, True, False]
+
+    tb = OnlineLearner(sj.GRUCell(4), 2, method="tbptt", tbptt_window=W, optimizer=optax.adam(1e-2),
+                       skip_unscored_updates=True)
+    st0 = tb.init(jax.random.key(0), None, batch_size=B, input_size=n_in)
+    xs = jax.random.normal(jax.random.key(10), (3 * W, B, n_in))
+    ys = jnp.zeros((3 * W, B), jnp.int32)
+    ms = jnp.zeros((3 * W, B)).at[W + 1, 1].set(1.0)  # only the second window is scored
+    st1, _, m = jax.jit(tb.run)(st0, xs[:W], ys[:W], ms[:W])
+    assert not np.asarray(m["updated"]).any()
+    chex.assert_trees_all_equal((st1.params, st1.opt_state), (st0.params, st0.opt_state))
+    st2, _, m = jax.jit(tb.run)(st1, xs[W:2 * W], ys[W:2 * W], ms[W:2 * W])
+    assert np.asarray(m["updated"]).tolist() == [False, False, True]
+    assert not np.array_equal(np.asarray(st2.params["readout"]["bias"]), np.asarray(st1.params["readout"]["bias"]))
+    st3, _, m = jax.jit(tb.run)(st2, xs[2 * W:], ys[2 * W:], ms[2 * W:])
+    assert not np.asarray(m["updated"]).any()
+    chex.assert_trees_all_equal((st3.params, st3.opt_state), (st2.params, st2.opt_state))
+
+    with pytest.raises(ValueError, match="update_every=1"):
+        OnlineLearner(sj.GRUCell(4), 2, update_every=2, skip_unscored_updates=True)
+
+
+def test_raw_uint32_keys_are_wrapped_as_typed_keys():
+    """A legacy ``jax.random.PRNGKey`` gives the same run as the typed key with the same data,
+    and the state's running key is a typed key (kept across resets, not treated as batched)."""
+    learner = OnlineLearner(nn.GRUCell(4), 2, method="uoro", optimizer=optax.adam(1e-2))
+    xs = jax.random.normal(jax.random.key(1), (6, 2, 3))
+    ys = jnp.zeros((6, 2), jnp.int32)
+    out = {}
+    for name, key in (("raw", jax.random.PRNGKey(0)), ("typed", jax.random.key(0))):
+        st = learner.init(key, None, batch_size=2, input_size=3)
+        assert jnp.issubdtype(st.key.dtype, jax.dtypes.prng_key)
+        st, _, _ = learner.run(st, xs, ys)
+        st2 = learner.reset_carry(st)
+        assert jnp.issubdtype(st2.key.dtype, jax.dtypes.prng_key)
+        out[name] = st
+    assert tree_rel_err(out["raw"].params, out["typed"].params) == 0.0
+    with pytest.raises(ValueError, match="PRNG key"):
+        learner.init(jnp.zeros((2,), jnp.float32), None, batch_size=2, input_size=3)
