@@ -9,9 +9,15 @@ only timed on a few batches (its training trajectory would be identical).
 
 State size k = 2·units (EGRU keeps (c, h) per unit): --units 128 ⇔ k = 256.
 
+Three trackers compute the same exact gradient: ``sparse`` (activity-sparse, blocks of
+``--block`` units), ``ignored`` (the same kernel told to process every unit every step: activity
+ignored, structure of D still exploited) and ``dense`` (the library's dense exact RTRL, the full
+(U·m)² product).  Training uses ``sparse``; the three are timed interleaved on the same
+parameters and batches after training (α then is the trained network's).
+
 Usage:
   python benchmarks/activity.py --quick          # a few minutes on 2 CPU cores
-  python benchmarks/activity.py --units 128 --train-batches 200
+  python benchmarks/activity.py                  # 300 online batches per row (~20 min on CPU)
 """
 
 from __future__ import annotations
@@ -135,69 +141,75 @@ def batches(x, y, batch, rng):
         yield jnp.asarray(np.transpose(x[j], (1, 0, 2))), jnp.asarray(y[j])
 
 
-def run_density(args, density, train, test):
+def run_config(args, density, threshold, train, test, progress):
+    """Train online with activity-sparse exact RTRL, then time sparse / activity-ignored / dense
+    exact RTRL on the same parameters and batches (interleaved)."""
+    args = argparse.Namespace(**{**vars(args), "threshold_init": list(threshold)})
     cell, theta, masks = build(args, density, args.seed)
     opt = optax.adam(args.lr)
-    sparse = activity_sparse_tracker(cell, theta["cell"], masks=masks)
+    U = args.units
+    sparse = activity_sparse_tracker(cell, theta["cell"], masks=masks, block=args.block)
+    ignored = activity_sparse_tracker(cell, theta["cell"], masks=masks, block=U)  # every unit, every step
     dense = sj.influence_tracker(cell, theta["cell"], "rtrl", masks=masks)
-    sparse_step = make_train_step(cell, sparse, opt, masks, True)
-    dense_step = make_train_step(cell, dense, opt, masks, False)
+    steps = {
+        "sparse": make_train_step(cell, sparse, opt, masks, True),
+        "ignored": make_train_step(cell, ignored, opt, masks, True),
+        "dense": make_train_step(cell, dense, opt, masks, False),
+    }
     evaluate = make_eval(cell, masks)
     T = 8
     rng = np.random.default_rng(args.seed)
 
-    # --- train online with the sparse tracker, timing every batch after compilation
+    # --- train online with the activity-sparse tracker (exact RTRL)
     opt_state = opt.init(theta)
-    it = batches(*train, args.batch, rng)
-    xs, y = next(it)
     t0 = time.perf_counter()
-    out = sparse_step(theta, opt_state, xs, y)
-    jax.block_until_ready(out)
-    compile_sparse = time.perf_counter() - t0
-    theta_timed = theta  # dense is timed from the same parameters as the first sparse batches
+    jax.block_until_ready(steps["sparse"](theta, opt_state, *next(batches(*train, args.batch, rng))))
+    compile_s = {"sparse": time.perf_counter() - t0}
     times, alphas, caps, losses, accs = [], [], [], [], []
-    n = 0
-    while n < args.train_batches:
-        for xs, y in it:
-            t0 = time.perf_counter()
-            theta, opt_state, loss, acc, st = sparse_step(theta, opt_state, xs, y)
-            jax.block_until_ready(theta)
-            times.append((time.perf_counter() - t0) / T)
-            alphas.append(np.asarray(st["alpha"]))
-            caps.append(np.asarray(st["capacity"]))
-            losses.append(float(loss))
-            accs.append(float(acc))
-            n += 1
-            if n >= args.train_batches:
-                break
-        it = batches(*train, args.batch, rng)
+    it = batches(*train, args.batch, rng)
+    for n in progress(range(args.train_batches), desc=f"train d={density} thr={tuple(threshold)}"):
+        try:
+            xs, y = next(it)
+        except StopIteration:
+            it = batches(*train, args.batch, rng)
+            xs, y = next(it)
+        t0 = time.perf_counter()
+        theta, opt_state, loss, acc, st = steps["sparse"](theta, opt_state, xs, y)
+        jax.block_until_ready(theta)
+        times.append((time.perf_counter() - t0) / T)
+        alphas.append(np.asarray(st["alpha"]))
+        caps.append(np.asarray(st["capacity"]))
+        losses.append(float(loss))
+        accs.append(float(acc))
     alphas, caps = np.concatenate(alphas), np.concatenate(caps)
 
-    # --- time sparse and dense on the same fixed batches and parameters (interleaved)
+    # --- time the three trackers on the same fixed batches and (trained) parameters, interleaved
     tb = [b for _, b in zip(range(args.time_batches), batches(*train, args.batch, np.random.default_rng(1)))]
     opt_state0 = opt.init(theta)
-    t0 = time.perf_counter()
-    jax.block_until_ready(dense_step(theta, opt_state0, *tb[0]))
-    compile_dense = time.perf_counter() - t0
-    ts_sparse, ts_dense, a_t, c_t = [], [], [], []
+    for name in ("ignored", "dense"):
+        t0 = time.perf_counter()
+        jax.block_until_ready(steps[name](theta, opt_state0, *tb[0]))
+        compile_s[name] = time.perf_counter() - t0
+    ts = {k: [] for k in steps}
+    a_t, c_t = [], []
     for xs, y in tb:
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            o = dense_step(theta, opt_state0, xs, y)
-            jax.block_until_ready(o)
-            ts_dense.append((time.perf_counter() - t0) / T)
-            t0 = time.perf_counter()
-            o = sparse_step(theta, opt_state0, xs, y)
-            jax.block_until_ready(o)
-            ts_sparse.append((time.perf_counter() - t0) / T)
-        a_t.append(np.asarray(o[4]["alpha"]))
-        c_t.append(np.asarray(o[4]["capacity"]))
+            for name, f in steps.items():
+                t0 = time.perf_counter()
+                o = f(theta, opt_state0, xs, y)
+                jax.block_until_ready(o)
+                ts[name].append((time.perf_counter() - t0) / T)
+                if name == "sparse":
+                    a_t.append(np.asarray(o[4]["alpha"]))
+                    c_t.append(np.asarray(o[4]["capacity"]))
     a_t, c_t = np.concatenate(a_t), np.concatenate(c_t)
 
-    # --- exactness spot check: same gradient step from the same state
-    o_s = sparse_step(theta, opt_state0, *tb[0])
-    o_d = dense_step(theta, opt_state0, *tb[0])
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(o_s[0]), jax.tree.leaves(o_d[0])))
+    # --- exactness spot check: the same update from the same state with each tracker
+    outs = {k: f(theta, opt_state0, *tb[0])[0] for k, f in steps.items()}
+    diff = {
+        k: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outs[k]), jax.tree.leaves(outs["dense"])))
+        for k in ("sparse", "ignored")
+    }
 
     test_acc, test_event = [], []
     for xs, y in batches(*test, 120, np.random.default_rng(0)):
@@ -205,73 +217,101 @@ def run_density(args, density, train, test):
         test_acc.append(float(a))
         test_event.append(float(e))
     cost = step_cost(sparse, args.batch, c_t)
-    med_s, med_d = float(np.median(ts_sparse)), float(np.median(ts_dense))
+    med = {k: float(np.median(v)) for k, v in ts.items()}
     return {
         "density": density,
+        "threshold_init": list(threshold),
         "param_density": sparse.parameter_density(),
-        "units": args.units,
-        "state_size_k": 2 * args.units,
+        "units": U,
+        "state_size_k": 2 * U,
         "batch": args.batch,
+        "block": sparse.block,
         "train_batches": args.train_batches,
+        "train_loss_first10": float(np.mean(losses[:10])),
         "train_loss_last10": float(np.mean(losses[-10:])),
-        "train_acc_last10": float(np.mean(accs[-10:])),
+        "train_acc_last20": float(np.mean(accs[-20:])),
         "test_acc": float(np.mean(test_acc)),
         "test_event_rate": float(np.mean(test_event)),
         "alpha_train_mean": float(alphas.mean()),
+        "alpha_train_first10_batches": float(alphas[: 10 * T].mean()),
+        "alpha_train_last10_batches": float(alphas[-10 * T :].mean()),
         "alpha_timed_mean": float(a_t.mean()),
         "capacity_timed_mean": float(c_t.mean()),
         "train_ms_per_step_sparse_median": 1e3 * float(np.median(times)),
-        "ms_per_step_sparse_median": 1e3 * med_s,
-        "ms_per_step_dense_median": 1e3 * med_d,
-        "speedup": med_d / med_s,
+        "ms_per_step": {k: 1e3 * v for k, v in med.items()},
+        "speedup_vs_dense": med["dense"] / med["sparse"],
+        "speedup_vs_ignored": med["ignored"] / med["sparse"],
         "flops_per_step_sparse": float(np.mean(cost["flops"])),
         "flops_per_step_dense": float(cost["flops_dense"]),
-        "flop_ratio": float(cost["flops_dense"] / np.mean(cost["flops"])),
+        "flops_per_step_ignored": float(cost["flops_dense_structured"]),
+        "flop_ratio_vs_dense": float(cost["flops_dense"] / np.mean(cost["flops"])),
         "influence_bytes": int(cost["influence_bytes"]),
-        "max_abs_param_diff_sparse_vs_dense_after_update": diff,
-        "compile_s": {"sparse": compile_sparse, "dense": compile_dense},
-        "timing_samples": {"sparse": ts_sparse, "dense": ts_dense},
+        "scratch_bytes": int(cost["scratch_bytes"]),
+        "max_abs_param_diff_vs_dense_after_update": diff,
+        "compile_s": compile_s,
+        "timing_samples_s": ts,
     }
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--units", type=int, default=128, help="EGRU units (state size k = 2*units)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.2])
-    ap.add_argument("--threshold-init", type=float, nargs=2, default=[0.45, 0.75], help="uniform (low, high); sets alpha")
+    ap.add_argument(
+        "--thresholds",
+        default="0.45:0.75,0.15:0.45",
+        help="comma-separated uniform threshold-init ranges lo:hi, one row each (they set alpha)",
+    )
     ap.add_argument("--epsilon", type=float, default=0.2)
     ap.add_argument("--gamma", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--train-batches", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--block", type=float, default=0.25, help="units per block (int) or fraction of units")
+    ap.add_argument("--train-batches", type=int, default=300)
     ap.add_argument("--time-batches", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="few train batches (a few minutes on CPU)")
+    ap.add_argument("--quick", action="store_true", help="few train batches, one threshold (minutes on CPU)")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "activity_cpu.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
-        args.train_batches, args.time_batches, args.repeats = 25, 2, 2
+        args.train_batches, args.time_batches, args.repeats = 30, 2, 2
+        args.thresholds = args.thresholds.split(",")[0]
+    if args.block >= 1:
+        args.block = int(args.block)
+    thresholds = [tuple(float(v) for v in t.split(":")) for t in args.thresholds.split(",")]
+    from tqdm.auto import tqdm
+
+    progress = (lambda x, desc: x) if args.no_progress else (lambda x, desc: tqdm(x, desc=desc, leave=False))
     train, test = load_digits_rows(args.seed)
     rows = []
     for d in args.densities:
-        r = run_density(args, d, train, test)
-        rows.append(r)
-        print(
-            f"d={d:.2f} k={r['state_size_k']} B={r['batch']}: test acc {r['test_acc']:.3f} "
-            f"(train last10 {r['train_acc_last10']:.3f}), alpha train {r['alpha_train_mean']:.3f} timed "
-            f"{r['alpha_timed_mean']:.3f} (mean capacity {r['capacity_timed_mean']:.1f}/{args.units}), "
-            f"sparse {r['ms_per_step_sparse_median']:.1f} ms/step, dense {r['ms_per_step_dense_median']:.1f} ms/step, "
-            f"speedup {r['speedup']:.2f}x (FLOP ratio {r['flop_ratio']:.1f}x), |Δθ| {r['max_abs_param_diff_sparse_vs_dense_after_update']:.1e}",
-            flush=True,
-        )
-    print("\n| density | k | B | test acc | mean α (train) | mean α (timed) | sparse ms/step | dense ms/step | speedup | FLOP ratio | influence MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for thr in thresholds:
+            r = run_config(args, d, thr, train, test, progress)
+            rows.append(r)
+            ms = r["ms_per_step"]
+            print(
+                f"d={d:.2f} thr={thr} k={r['state_size_k']} B={r['batch']}: test acc {r['test_acc']:.3f}, "
+                f"alpha train {r['alpha_train_mean']:.3f} timed {r['alpha_timed_mean']:.3f}, ms/step sparse "
+                f"{ms['sparse']:.1f} ignored {ms['ignored']:.1f} dense {ms['dense']:.1f} -> "
+                f"{r['speedup_vs_dense']:.2f}x vs dense RTRL, {r['speedup_vs_ignored']:.2f}x vs activity ignored",
+                flush=True,
+            )
+    print(
+        "\n| density | threshold init | test acc | α train (first→last 10 batches) | α timed | "
+        "sparse ms/step | activity-ignored ms/step | dense RTRL ms/step | speedup vs dense | "
+        "vs ignored | FLOP ratio vs dense | influence + scratch MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ms = r["ms_per_step"]
         print(
-            f"| {r['density']} | {r['state_size_k']} | {r['batch']} | {r['test_acc']:.3f} | {r['alpha_train_mean']:.3f} | "
-            f"{r['alpha_timed_mean']:.3f} | {r['ms_per_step_sparse_median']:.1f} | {r['ms_per_step_dense_median']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['flop_ratio']:.1f}x | {r['influence_bytes'] / 2**20:.0f} |"
+            f"| {r['density']} | {r['threshold_init'][0]}–{r['threshold_init'][1]} | {r['test_acc']:.3f} | "
+            f"{r['alpha_train_mean']:.3f} ({r['alpha_train_first10_batches']:.3f}→{r['alpha_train_last10_batches']:.3f}) | "
+            f"{r['alpha_timed_mean']:.3f} | {ms['sparse']:.1f} | {ms['ignored']:.1f} | {ms['dense']:.1f} | "
+            f"{r['speedup_vs_dense']:.2f}x | {r['speedup_vs_ignored']:.2f}x | {r['flop_ratio_vs_dense']:.1f}x | "
+            f"{r['influence_bytes'] / 2**20:.0f} + {r['scratch_bytes'] / 2**20:.0f} |"
         )
     meta = {
         "args": vars(args),

@@ -101,9 +101,10 @@ assert np.array_equal(events, c > theta) and np.array_equal(h[events], c[events]
 # ## Activity-sparse exact RTRL
 #
 # `activity_sparse_tracker` has the same protocol as `snapjax.influence_tracker`; per step it
-# gathers only the active units' columns (a ladder of static capacities, picked by
-# `lax.switch`, with the dense update as the fallback). Its summed online gradient must equal
-# dense RTRL and BPTT.
+# gathers only the active units' read-out rows of the influence and processes them in blocks
+# of `block` units (`lax.fori_loop`s with a dynamic trip count, every buffer updated in place),
+# so the work grows with the number of active units; when every unit fires it runs all blocks,
+# which is still exact. Its summed online gradient must equal dense RTRL and BPTT.
 
 # %%
 ys = jax.random.normal(jax.random.key(2), (T, B, UNITS)) * 0.3
@@ -115,7 +116,7 @@ def loss_fn(h, y):
 
 sparse_tr = activity_sparse_tracker(cell, params)
 dense_tr = snapjax.influence_tracker(cell, params, "rtrl")
-print("capacities (units computed per example):", sparse_tr.capacities, "+ dense fallback", UNITS)
+print(f"block = {sparse_tr.block} units, {-(-UNITS // sparse_tr.block)} blocks when all {UNITS} units are active")
 
 f_sparse = jax.jit(lambda p: snapjax.online_gradient(sparse_tr, p, carry0, xs, ys, loss_fn))
 f_dense = jax.jit(lambda p: snapjax.online_gradient(dense_tr, p, carry0, xs, ys, loss_fn))
@@ -136,7 +137,7 @@ assert rel(gs, gb) < 1e-4
 #
 # `step_with_stats` also reports, per step, the fraction of units whose influence is nonzero
 # (`alpha`: events plus units inside the pseudo-derivative window — a superset of the events)
-# and the capacity actually computed. `snapjax.activity.step_cost` turns the capacity into FLOPs
+# and the capacity actually computed (blocks × block size). `snapjax.activity.step_cost` turns the capacity into FLOPs
 # of the propagation, against dense RTRL (the full `(k·m)×(k·m)` Jacobian product) and
 # against a dense RTRL that already exploits the structure of `D` (only `h` mixes units).
 
@@ -190,9 +191,9 @@ assert 0.0 < alpha_infl.mean() < 1.0 and alpha_infl.mean() >= alpha - 1e-6
 assert flops < flops_struct < flops_dense  # skipping silent units saves work
 
 # %% [markdown]
-# Wall-clock, informative only (not asserted): at this size (k = 32, batch 4, CPU) the gathers
-# and the `lax.switch` eat much of the FLOP saving, and timings on a shared CPU are noisy;
-# the FLOP saving turns into time more reliably at larger state sizes.
+# Wall-clock, informative only (not asserted): at this size (k = 32, batch 4, CPU) the loop and
+# gather overheads eat much of the FLOP saving, and timings on a shared CPU are noisy; the saving
+# turns into time at larger state sizes (`benchmarks/activity.py`: k = 256, see the README).
 
 # %%
 def timeit(f, *a, reps=3):

@@ -1,4 +1,4 @@
-"""Activity-sparse exact RTRL == dense exact RTRL (incl. the over-capacity fallback)."""
+"""Activity-sparse exact RTRL == dense exact RTRL (incl. steps where every unit is active)."""
 
 import chex
 import jax
@@ -44,29 +44,30 @@ def _run_stats(tracker, params, carry0, xs):
 
 
 # (input scale, threshold init): low activity (sparse branches) / high activity (fallback)
-CASES = {"low_alpha": (1.0, (0.6, 0.9)), "over_capacity": (3.0, (0.0, 0.2))}
+CASES = {"low_alpha": (1.0, (0.6, 0.9)), "high_alpha": (3.0, (-2.0, -1.5))}
 
 
-@pytest.mark.parametrize("density,case", [(None, "over_capacity"), (0.3, "low_alpha")])
+@pytest.mark.parametrize("density,case", [(None, "high_alpha"), (0.3, "low_alpha")])
 def test_sparse_equals_dense_rtrl(x64, case, density):
     cell, params, carry0, xs, ys = _setup(*CASES[case], seed=1 if density is None else 2)
     masks = None if density is None else random_masks(np.random.default_rng(0), cell.spec, params, density)
-    caps = (0.125, 0.5)
-    sparse = activity_sparse_tracker(cell, params, masks=masks, capacity=caps)
+    block = 3 if case == "high_alpha" else 1  # 16 units: 6 blocks of 3 (the last one padded) / 16 of 1
+    sparse = activity_sparse_tracker(cell, params, masks=masks, block=block)
     dense = sj.influence_tracker(cell, params, "rtrl", masks=masks)
     ref = sj.online_gradient(dense, params, carry0, xs, ys, _loss)
     out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
     assert tree_rel_err(out.grads, ref.grads) < 1e-10
     np.testing.assert_allclose(out.loss, ref.loss, rtol=1e-12)
     stats = _run_stats(sparse, params, carry0, xs)
-    n_branch = len(sparse.capacities)
+    all_blocks = -(-UNITS // block)
     assert stats["max_active"].max() > 0  # some units are active: the sparse work is not trivial
+    assert np.any((stats["blocks"] > 1))  # several blocks accumulate
     if case == "low_alpha":
-        assert np.all(stats["branch"] < n_branch)  # only compacted branches, no fallback
+        assert np.all(stats["blocks"] < all_blocks)  # never all units
         assert 0 < stats["alpha"].mean() < 0.35
     else:
-        assert np.any(stats["branch"] == n_branch)  # more active units than the largest capacity
-        assert np.any((stats["branch"] < n_branch) & (stats["max_active"] > 0))  # and sparse steps too
+        assert np.any(stats["blocks"] == all_blocks)  # every unit active (incl. the padded block)
+        assert np.any((stats["blocks"] < all_blocks) & (stats["max_active"] > 0))  # and sparse steps too
 
 
 def test_equals_bptt_and_online_learning_state(x64):
@@ -77,11 +78,14 @@ def test_equals_bptt_and_online_learning_state(x64):
     assert tree_rel_err(out.grads, ref.grads) < 1e-10
     J = tracker.init(3, jnp.float64, key=jax.random.key(0))
     assert isinstance(J, ActivityInfluence) and not bool(J.active.any())
+    with pytest.raises(ValueError, match="influence does not match"):
+        tracker.step(params, tracker.spec.to_internal(carry0), tracker.init(2, jnp.float64), xs[0])
 
 
 def test_compiles_once_and_cost(x64):
-    cell, params, carry0, xs, _ = _setup(*CASES["over_capacity"], seed=4)
-    tracker = activity_sparse_tracker(cell, params, capacity=(0.125, 0.25))
+    cell, params, carry0, xs, _ = _setup(*CASES["high_alpha"], seed=4)
+    xs = xs * jnp.linspace(0.0, 1.0, xs.shape[0])[:, None, None]  # activity ramps up: several branches
+    tracker = activity_sparse_tracker(cell, params, block=4)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -96,7 +100,9 @@ def test_compiles_once_and_cost(x64):
     assert len(set(caps)) >= 2  # different branches ran, one compilation
     cost = step_cost(tracker, 3, np.array(caps))
     assert np.all(cost["flops"][np.array(caps) < UNITS] < cost["flops_dense"])
-    assert np.all(cost["flops"][np.array(caps) == UNITS] == cost["flops_dense"])
+    assert np.all(cost["flops"][np.array(caps) == UNITS] == cost["flops_dense_structured"])
+    assert cost["flops_dense_structured"] < cost["flops_dense"]
+    assert np.all(np.diff(step_cost(tracker, 3, np.array([2, 4, 8, 16]))["flops"]) > 0)  # cost grows with C
     assert cost["influence_bytes"] == tracker.num_stored() * 3 * 4 and cost["density"] == 1.0
 
 
@@ -105,5 +111,6 @@ def test_rejects_non_dense_layout():
     params = cell.init(jax.random.key(0), cell.initialize_carry(None, (1, 2)), jnp.ones((1, 2)))["params"]
     with pytest.raises(ValueError, match="dense influence layout"):
         activity_sparse_tracker(cell, params, "snap1")
-    with pytest.raises(ValueError, match="capacity"):
-        activity_sparse_tracker(cell, params, capacity=1.5)
+    for bad in (1.5, 0, -2, "4", True):
+        with pytest.raises(ValueError, match="block"):
+            activity_sparse_tracker(cell, params, block=bad)

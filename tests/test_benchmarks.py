@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 common = importlib.import_module("_common")
 copy_task = importlib.import_module("copy_task")
 char_lm = importlib.import_module("char_lm")
+activity = importlib.import_module("activity")
 
 from snapjax.data.copy_task import NUM_TOKENS, copy_task_batch  # noqa: E402
 from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
@@ -112,3 +113,22 @@ def test_char_lm_tiny_end_to_end(tmp_path):
         assert np.all(np.isfinite(vb)) and np.all(vb > 0)
         assert vb[0] < math.log2(corpus.vocab_size) + 3  # untrained model: about uniform
         assert vb[-1] < vb[0]  # learns something (letter frequencies) within 1,000 chars
+
+
+def test_activity_tiny_end_to_end(tmp_path):
+    """benchmarks/activity.py: trains, times the three exact trackers and writes its JSON; the
+    three give the same update (float32) and the reported alpha / capacities are sane."""
+    out = tmp_path / "activity.json"
+    activity.main([
+        "--units", "8", "--densities", "1.0", "0.5", "--thresholds", "0.3:0.6", "--train-batches", "3",
+        "--time-batches", "1", "--repeats", "1", "--block", "3", "--no-progress", "--out", str(out),
+    ])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["density"] for r in rows] == [1.0, 0.5]
+    for r in rows:
+        assert 0.0 <= r["alpha_train_mean"] <= 1.0 and 0.0 <= r["alpha_timed_mean"] <= 1.0
+        assert r["block"] == 3 and 0 <= r["capacity_timed_mean"] <= 9
+        assert all(v < 1e-4 for v in r["max_abs_param_diff_vs_dense_after_update"].values())
+        assert set(r["ms_per_step"]) == {"sparse", "ignored", "dense"} and min(r["ms_per_step"].values()) > 0
+        assert r["influence_bytes"] > 0 and r["scratch_bytes"] > 0 and 0.0 <= r["test_acc"] <= 1.0
+    assert rows[1]["param_density"] < rows[0]["param_density"] == 1.0
