@@ -17,7 +17,7 @@ parameters and batches after training (α then is the trained network's).
 
 Usage:
   python benchmarks/activity.py --quick          # a few minutes on 2 CPU cores
-  python benchmarks/activity.py                  # 300 online batches per row (~20 min on CPU)
+  python benchmarks/activity.py                  # 200 online batches per row (~30 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -260,14 +260,14 @@ def main(argv=None):
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.2])
     ap.add_argument(
         "--thresholds",
-        default="0.45:0.75,0.15:0.45",
+        default="0.7:1.0,0.45:0.75,0.15:0.45",
         help="comma-separated uniform threshold-init ranges lo:hi, one row each (they set alpha)",
     )
     ap.add_argument("--epsilon", type=float, default=0.2)
     ap.add_argument("--gamma", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--block", type=float, default=0.25, help="units per block (int) or fraction of units")
-    ap.add_argument("--train-batches", type=int, default=300)
+    ap.add_argument("--block", type=float, default=0.125, help="units per block (int) or fraction of units")
+    ap.add_argument("--train-batches", type=int, default=200)
     ap.add_argument("--time-batches", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

@@ -26,19 +26,21 @@ parameter entries of the leaf):
 * ``active (B, U)`` bool: the units whose read-out row may be nonzero;
 * ``scratch``: a work buffer (below); it carries no information between steps.
 
-Step (static shapes under jit, no ``lax.cond``).  The active set of ``J_t``'s read-out rows is
+Step (static shapes under jit).  The active set of ``J_t``'s read-out rows is
 known *before* propagating: row ``u`` is zero when ``∂φ_r/∂pre[u]``, ``∂φ_r/∂unit[u]`` and
 ``∂φ_r/∂s[u]`` all vanish — exact for any cell and parameter trajectory (online updates
 included; ``J_0 = 0`` ⇒ all silent).  Slots order the units active first (stable ``argsort``);
-with ``n`` = the most active units over the batch, the step runs ``ceil(n/C)`` blocks of ``C``
-slots (``block``) in ``lax.fori_loop``s with a dynamic trip count, every buffer updated in place:
+with ``n`` = the most active units over the batch, the step works on ``ceil(n/C)`` blocks of
+``C`` slots (``block``), in ``lax.fori_loop``s with a dynamic trip count, every buffer updated
+in place:
 
 1. copy the old active read-out rows into ``scratch`` (``G``, block gathers);
 2. new read-out rows of the units active at ``t``:
    ``Σ_blocks G_k ΔD[new, r, k] + Σ_{c≠r} ∂φ_r/∂s_c ⊙ other_{t-1}[new, c] + I[new, r]``,
    scattered into ``readout``; 3. zero the rows of units active at ``t-1`` only;
-4. ``other_t = Σ_k ΔD[:, other, k]ᵀ G_k + Σ_{c≠r} ∂φ_a/∂s_c ⊙ other_{t-1} + I[other]``: one
-   matmul per block (``K = C``) plus an elementwise pass, in place,
+4. ``other_t = ΔD[:, other, :K]ᵀ G[:K] + Σ_{c≠r} ∂φ_a/∂s_c ⊙ other_{t-1} + I[other]``: one
+   matmul with ``K = C·ceil(n/C)`` (``lax.switch`` over the static ladder of ``K``; its output
+   is a temporary) plus one elementwise pass over ``other``, in place,
 
 with ``ΔD[u,a,s] = Σ_p ∂φ_a/∂pre_p[u] W_p[idx_s, u] + δ_{u,idx_s} ∂φ_a/∂s_r[u]``.  Slots past
 the active count hold exactly-zero rows (masked with ``where``), so every block adds exactly
@@ -47,10 +49,11 @@ summation order (≈1e-16 relative in float64) for *any* number of active units:
 fire the step runs all ``ceil(U/C)`` blocks, i.e. the structured product.  (The order of the
 loops, and the flat leaves, are what let XLA update the buffers in place: a ``lax.switch``, a
 reshape of a loop carry or a read and a scatter of one buffer in the same loop made it copy
-whole buffers every step — measured, not guessed.)
+whole buffers every step — measured in the compiled HLO, not guessed.  ``lax.switch`` is used
+only for the matmul, whose output is not carried.)
 
-Cost per example and step with ``n ≤ C·k`` active units: ``k`` matmuls of ``2·M·C·U·(m-1)``
-FLOPs and ``k`` elementwise passes over ``other``, plus ``O(M·C²)`` for the read-out rows, vs
+Cost per example and step with ``n ≤ K = C·k`` active units: one matmul of ``2·M·K·U·(m-1)``
+FLOPs and one elementwise pass over ``other``, plus ``O(M·K²)`` for the read-out rows, vs
 ``2·M·(U m)²`` for the library's dense RTRL (:func:`step_cost`).  Memory: ``other`` +
 ``readout`` are exactly dense RTRL's floats; ``scratch`` adds ``U_pad·(1+q)·M`` per example
 (``q`` = other components the read-out reads within its unit; EGRU: 1), so the method state is
@@ -65,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,13 +111,6 @@ class ActivityInfluence(NamedTuple):
     active: Array
 
 
-def _unzip2(out: PyTree, like: PyTree) -> tuple[PyTree, PyTree]:
-    """Split a pytree of pairs (mapped over ``like``'s leaves) into two pytrees."""
-    treedef = jax.tree.structure(like)
-    flat = treedef.flatten_up_to(out)
-    return jax.tree.unflatten(treedef, [a for a, _ in flat]), jax.tree.unflatten(treedef, [b for _, b in flat])
-
-
 def influence_activity(spec, influence: Any) -> Array:
     """``(B, units)`` bool: unit ``v`` has a nonzero read-out influence ``J[b, ·, v, r]``.
 
@@ -142,8 +138,9 @@ class ActivitySparseTracker(InfluenceTracker):
     Build with :func:`activity_sparse_tracker`.
 
     Extra attributes:
-      block: active units are processed ``block`` at a time (a step costs ``ceil(n/block)``
-        passes over the other components, ``n`` = most active units in the batch).
+      block: granularity of the active set: the read-out rows are processed ``block`` at a time
+        and the main product uses ``K = block·ceil(n/block)`` columns (``n`` = most active units
+        in the batch).
       state_pairs: static ``(a, c)`` pairs where ``∂φ_a/∂s_c`` can be nonzero (within-unit term).
     """
 
@@ -294,7 +291,6 @@ class ActivitySparseTracker(InfluenceTracker):
         # Slots: active units first (stable), then silent units, then padding.
         idx_old = jnp.concatenate([jnp.argsort(~act, axis=-1, stable=True).astype(jnp.int32), pad], 1)
         idx_new = jnp.concatenate([jnp.argsort(~new_act, axis=-1, stable=True).astype(jnp.int32), pad], 1)
-        slot = jnp.arange(Upad)
 
         prec, patterns, comps = self.precision, self.patterns, self._other_comps
         md = m - 1
@@ -406,44 +402,55 @@ class ActivitySparseTracker(InfluenceTracker):
 
         Jr_tree = lax.fori_loop(0, nb_old, zero_block, Jr_tree)
 
-        # 4. other components: J_o ← Σ_k G_k ΔD_k + (within-unit term) + I, block by block,
-        #    in place; the within-unit and immediate terms enter with the first block.
+        # 4. other components: J_o ← (Σ_{slots < C} G ΔD) + (within-unit term) + I.  The product
+        #    takes the old rows in one matmul with K = C = the smallest multiple of `block`
+        #    covering the active rows (``lax.switch`` over the static ladder of K); its output is a
+        #    temporary, so the elementwise update of the carried buffer stays in place — one pass
+        #    over `other` per step whatever the activity.
         if md > 0:
             ds_oo = jnp.zeros((batch, U, md, md), ds.dtype)
             for a2, c in pairs_other:
                 ds_oo = ds_oo.at[:, :, pos[a2], pos[c]].set(ds[:, :, a2, c])
+            ladder = tuple(range(Cb, Upad + 1, Cb))
 
-            def other_block(k, Jo_t):
-                first = k == 0
-                d_k = lax.dynamic_slice_in_dim(dd_other, k * Cb, Cb, axis=1)  # (B, Cb, U·md)
+            def product(C):
+                def run(G_t):
+                    valid = (jnp.arange(C)[None, :] < n_old[:, None])[:, :, None]  # (B, C, 1)
+                    d = dd_other[:, :C]  # (B, C, U·md)
+                    return jax.tree.map(
+                        lambda G: jnp.einsum(
+                            "bcm,bcn->bnm", jnp.where(valid, G[:, :C], 0), d.astype(G.dtype), precision=prec
+                        ),
+                        G_t,
+                    )
 
-                def per_leaf(Jo, G, ic, group):  # Jo: (B, U·md, M), unit-major
-                    dt = Jo.dtype
-                    M = Jo.shape[2]
-                    L = M // U
-                    new = jnp.einsum("bcm,bcn->bnm", g_block(G, k), d_k.astype(dt), precision=prec)
-                    if md == 1:
-                        within = ds_oo.reshape(batch, U, 1).astype(dt) * Jo
-                    else:
-                        within = jnp.einsum(
-                            "buac,bucm->buam", ds_oo.astype(dt), Jo.reshape(batch, U, md, M), precision=prec
-                        ).reshape(batch, U * md, M)
-                    # I on the diagonal u = i, first block only (the mask depends on k so that XLA does
-                    # not hoist a materialised (B, U·md, M) copy of it out of the loop)
-                    eye_k = ((jnp.arange(U)[:, None] == jnp.arange(U)[None, :]) & first).astype(dt)  # (u, i)
-                    ic_o = jnp.moveaxis(ic.astype(dt)[..., comps], -1, 1)  # (B, md, L|1, U(i))
-                    imm_o = eye_k[None, :, None, None, :] * ic_o[:, None]  # (B, U(u), md, L|1, U(i))
-                    imm_o = jnp.broadcast_to(imm_o, (batch, U, md, L, U)).reshape(batch, U * md, M)
-                    new = new + jnp.where(first, within, Jo) + imm_o
-                    if patterns is not None:
-                        pat = np.asarray(patterns[group][..., comps], bool).transpose(1, 2, 0)  # (U(u), md, U(i))
-                        pat = jnp.broadcast_to(jnp.asarray(pat, dt)[:, :, None, :], (U, md, L, U))
-                        new = new * pat.reshape(1, U * md, M)
-                    return new
+                return run
 
-                return jax.tree.map(per_leaf, Jo_t, G_tree, imm, groups)
+            which = jnp.clip(nb_old - 1, 0, len(ladder) - 1)
+            prods = lax.switch(which, [product(C) for C in ladder], G_tree)
 
-            Jo_tree = lax.fori_loop(0, jnp.maximum(nb_old, 1), other_block, Jo_tree)
+            def per_leaf(Jo, P, ic, group):  # Jo, P: (B, U·md, M), unit-major
+                dt = Jo.dtype
+                M = Jo.shape[2]
+                L = M // U
+                if md == 1:
+                    within = ds_oo.reshape(batch, U, 1).astype(dt) * Jo
+                else:
+                    within = jnp.einsum(
+                        "buac,bucm->buam", ds_oo.astype(dt), Jo.reshape(batch, U, md, M), precision=prec
+                    ).reshape(batch, U * md, M)
+                eye = jnp.eye(U, dtype=dt)  # I on the diagonal u = i
+                ic_o = jnp.moveaxis(ic.astype(dt)[..., comps], -1, 1)  # (B, md, L|1, U(i))
+                imm_o = eye[None, :, None, None, :] * ic_o[:, None]  # (B, U(u), md, L|1, U(i))
+                imm_o = jnp.broadcast_to(imm_o, (batch, U, md, L, U)).reshape(batch, U * md, M)
+                new = P + within + imm_o
+                if patterns is not None:
+                    pat = np.asarray(patterns[group][..., comps], bool).transpose(1, 2, 0)  # (U(u), md, U(i))
+                    pat = jnp.broadcast_to(jnp.asarray(pat, dt)[:, :, None, :], (U, md, L, U))
+                    new = new * pat.reshape(1, U * md, M)
+                return new
+
+            Jo_tree = jax.tree.map(per_leaf, Jo_tree, prods, imm, groups)
 
         stats = {
             "alpha": n_old.mean() / U,
@@ -543,7 +550,7 @@ def activity_sparse_tracker(
     n: int | None = None,
     *,
     masks: Mapping[str, Any] | None = None,
-    block: int | float = 0.25,
+    block: int | float = 0.125,
     precision: Any = None,
 ) -> ActivitySparseTracker:
     """Exact RTRL (or dense-layout SnAp-n) that skips silent units; see module docstring.
@@ -553,7 +560,8 @@ def activity_sparse_tracker(
         the method must use the dense layout (``"rtrl"``, or SnAp-n whose reach is all units).
       block: active units are processed in blocks of this many (an int) or of
         ``ceil(block·units)`` (a float in (0, 1]); the per-step cost grows with
-        ``ceil(active/block)``.  Any number of active units is handled exactly.
+        ``ceil(active/block)``, and the number of compiled product sizes with
+        ``ceil(units/block)``.  Any number of active units is handled exactly.
 
     Raises:
       ValueError: as :func:`snapjax.influence_tracker`, for a bad ``block``, or if the method's

@@ -114,3 +114,34 @@ def test_rejects_non_dense_layout():
     for bad in (1.5, 0, -2, "4", True):
         with pytest.raises(ValueError, match="block"):
             activity_sparse_tracker(cell, params, block=bad)
+
+
+def test_one_component_cell_gru_equals_dense_rtrl(x64):
+    """A cell without an activity-sparse output (GRU, m = 1: every unit always active) takes
+    all blocks every step and still equals dense RTRL."""
+    cell = sj.GRUCell(6, param_dtype=jnp.float64)
+    keys = jax.random.split(jax.random.key(5), 3)
+    carry0 = cell.initialize_carry(keys[0], (2, 3))
+    xs = jax.random.normal(keys[1], (5, 2, 3), jnp.float64)
+    ys = jax.random.normal(keys[2], (5, 2, 6), jnp.float64)
+    params = cell.init(keys[0], carry0, xs[0])["params"]
+    sparse = activity_sparse_tracker(cell, params, block=4)
+    ref = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
+    assert tree_rel_err(out.grads, ref.grads) < 1e-10
+
+
+def test_dense_layout_snap2_with_pattern_equals_snap2(x64):
+    """SnAp-2 on sparse weights uses the dense layout with a pattern mask here; the
+    activity-sparse tracker applies the same pattern and gives the same (approximate) gradient."""
+    cell, params, carry0, xs, ys = _setup(2.0, (0.2, 0.5), seed=6)
+    masks = random_masks(np.random.default_rng(1), cell.spec, params, 0.2)
+    base = sj.influence_tracker(cell, params, "snap", 2, masks=masks)
+    assert base.layout == "dense" and base.patterns is not None
+    sparse = activity_sparse_tracker(cell, params, "snap", 2, masks=masks, block=2)
+    ref = sj.online_gradient(base, params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
+    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl", masks=masks), params, carry0, xs, ys, _loss)
+    assert sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(ref.grads)) > 0
+    assert tree_rel_err(out.grads, ref.grads) < 1e-10
+    assert tree_rel_err(ref.grads, rtrl.grads) > 1e-6  # the pattern matters: SnAp-2 is not RTRL here
