@@ -257,7 +257,7 @@ class ActivitySparseTracker(InfluenceTracker):
         ``alpha`` (mean fraction of units whose read-out influence was nonzero: the columns
         that enter the product), ``alpha_next`` (the same for ``J_t``), ``max_active`` (max
         over the batch of both), ``blocks`` (blocks of ``block`` columns computed) and
-        ``capacity`` (columns computed per example, ``blocks · block``)."""
+        ``capacity`` (columns of the main product per example, ``max(blocks, 1) · block``)."""
         spec = self.spec
         m, U, r, Cb = spec.state_dim, spec.units, spec.readout, self.block
         if jnp.ndim(state) != 3 or jnp.shape(state)[1:] != (U, m):
@@ -457,7 +457,7 @@ class ActivitySparseTracker(InfluenceTracker):
             "alpha_next": n_new.mean() / U,
             "max_active": jnp.maximum(n_old.max(), n_new.max()),
             "blocks": nb_old,
-            "capacity": nb_old * Cb,
+            "capacity": jnp.maximum(nb_old, 1) * Cb,  # the product always runs (K >= block)
         }
         return jac.new_state, ActivityInfluence(Jo_tree, Jr_tree, G_tree, new_act), stats
 
