@@ -112,12 +112,6 @@ class TrainState(NamedTuple):
         return self.online.params
 
 
-def _as_typed_key(key: jax.Array) -> jax.Array:
-    """A typed PRNG key with the same bits (OnlineLearner keeps typed keys running across
-    resets; raw ``uint32`` keys would not be recognised as keys)."""
-    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
 class ChunkedLearner:
     """Benchmark driver around :class:`snapjax.OnlineLearner` (static; close over it in jitted code).
 
@@ -184,13 +178,13 @@ class ChunkedLearner:
     def init(self, key: jax.Array, batch_size: int) -> TrainState:
         kp, kr = jax.random.split(key)
         params = self.init_params(kp)
-        state = self.learner.init(_as_typed_key(kr), params, batch_size, self.n_in)
+        state = self.learner.init(kr, params, batch_size, self.n_in)
         self.tracker = self.learner.tracker(state.params["cell"])
         if self.method == "uoro":
             # UORO's random signs come from this key (the benchmarks' seeding since the first
             # published results): the running key then continues across sequence resets.
             ku = jax.random.split(kr)[1]
-            state = state._replace(method_state=self.tracker.init(batch_size, key=_as_typed_key(ku)))
+            state = state._replace(method_state=self.tracker.init(batch_size, key=ku))
         return TrainState(state, jnp.zeros((), jnp.int32))
 
     def influence_floats(self, batch_size: int = 1) -> int:

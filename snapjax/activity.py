@@ -83,7 +83,7 @@ from snapjax.patterns import derivative_patterns
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["ActivityInfluence", "ActivitySparseTracker", "activity_sparse_tracker", "step_cost", "influence_activity"]
+__all__ = ["ActivityInfluence", "ActivitySparseTracker", "activity_sparse_tracker", "step_cost"]
 
 
 
@@ -109,24 +109,6 @@ class ActivityInfluence(NamedTuple):
     readout: PyTree
     scratch: PyTree
     active: Array
-
-
-def influence_activity(spec, influence: Any) -> Array:
-    """``(B, units)`` bool: unit ``v`` has a nonzero read-out influence ``J[b, ·, v, r]``.
-
-    Accepts an :class:`ActivityInfluence` (its ``readout`` part) or a dense-layout influence
-    pytree ``(B, *lead, U(i), U(v), m)`` of :class:`snapjax.InfluenceTracker`.
-    """
-    U = spec.units
-    if isinstance(influence, ActivityInfluence):
-        leaves = [R.reshape(R.shape[0], U, -1) != 0 for R in jax.tree.leaves(influence.readout)]
-        return jnp.any(jnp.concatenate(leaves, axis=-1), axis=-1)
-    act = None
-    for J in jax.tree.leaves(influence):
-        Jr = J[..., spec.readout].reshape(J.shape[0], -1, U)
-        a = jnp.any(Jr != 0, axis=1)
-        act = a if act is None else act | a
-    return act
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -180,10 +162,7 @@ class ActivitySparseTracker(InfluenceTracker):
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> ActivityInfluence:
         """Zero influence (all units inactive) for ``batch_size`` examples; ``key`` is unused."""
         del key
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"influence dtype must be floating point, got {dtype}")
+        self._check_init_args(batch_size, dtype)
         is_shape = lambda t: isinstance(t, tuple)  # noqa: E731
         other, readout, scratch = self._split_shapes(int(batch_size))
         zeros = lambda s: jnp.zeros(s, dtype)  # noqa: E731
@@ -260,18 +239,7 @@ class ActivitySparseTracker(InfluenceTracker):
         ``capacity`` (columns of the main product per example, ``max(blocks, 1) · block``)."""
         spec = self.spec
         m, U, r, Cb = spec.state_dim, spec.units, spec.readout, self.block
-        if jnp.ndim(state) != 3 or jnp.shape(state)[1:] != (U, m):
-            raise ValueError(
-                f"state must have shape (B, {U}, {m}) (internal layout; use spec.to_internal(carry)), "
-                f"got {jnp.shape(state)}"
-            )
-        batch = jnp.shape(state)[0]
-        self._check_influence(influence, batch)
-        if jnp.ndim(x) != 2 or jnp.shape(x) != (batch, self.n_in):
-            raise ValueError(f"x must have shape ({batch}, {self.n_in}), got {jnp.shape(x)}")
-        for a_, what in ((state, "state"), (x, "x")):
-            if not jnp.issubdtype(jnp.result_type(a_), jnp.floating):
-                raise ValueError(f"{what} must be floating point, got {jnp.result_type(a_)}")
+        batch = self._check_step_args(state, influence, x)  # shapes and dtypes; influence via _check_influence
 
         Jo_tree, Jr_tree, G_tree, act = influence
         jac = step_jacobians(spec, params, state, x, self.masks, self.precision)
@@ -285,8 +253,7 @@ class ActivitySparseTracker(InfluenceTracker):
         n_old, n_new = act.sum(-1), new_act.sum(-1)  # (B,)
         nb_old = (n_old.max() + Cb - 1) // Cb
         nb_new = (n_new.max() + Cb - 1) // Cb
-        n_blocks = -(-U // Cb)
-        Upad = n_blocks * Cb
+        Upad = self._padded_units
         pad = jnp.full((batch, Upad - U), U, jnp.int32)  # out-of-range slots: dropped by scatters
         # Slots: active units first (stable), then silent units, then padding.
         idx_old = jnp.concatenate([jnp.argsort(~act, axis=-1, stable=True).astype(jnp.int32), pad], 1)
@@ -462,11 +429,6 @@ class ActivitySparseTracker(InfluenceTracker):
         return jac.new_state, ActivityInfluence(Jo_tree, Jr_tree, G_tree, new_act), stats
 
     # ------------------------------------------------------------- accounting
-    def leaf_rows(self) -> int:
-        """Σ over influence leaves of the rows ``L`` (stored parameter entries per unit column)."""
-        shapes = jax.tree.leaves(self.leaf_shapes(1), is_leaf=lambda t: isinstance(t, tuple))
-        return int(sum(math.prod(s[1:-3]) for s in shapes))
-
     def parameter_density(self) -> float:
         """Unmasked parameters / dense parameter count."""
         spec = self.spec

@@ -145,10 +145,7 @@ class InfluenceTracker:
         """Zero influence ``J_0`` for ``batch_size`` examples (``key`` is unused: RTRL/SnAp
         are deterministic; it is accepted so that every online method shares one protocol)."""
         del key
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"influence dtype must be floating point, got {dtype}")
+        self._check_init_args(batch_size, dtype)
         return jax.tree.map(
             lambda s: jnp.zeros(s, dtype), self.leaf_shapes(int(batch_size)), is_leaf=lambda x: isinstance(x, tuple)
         )
@@ -186,6 +183,7 @@ class InfluenceTracker:
 
     # --------------------------------------------------------------- validation
     def _check_step_args(self, state: Array, influence: PyTree, x: Array) -> int:
+        """Validate one step's arguments (trace time); return the batch size."""
         spec = self.spec
         if jnp.ndim(state) != 3 or jnp.shape(state)[1:] != (spec.units, spec.state_dim):
             raise ValueError(
@@ -198,13 +196,23 @@ class InfluenceTracker:
         for a, what in ((state, "state"), (x, "x")):
             if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
                 raise ValueError(f"{what} must be floating point, got {jnp.result_type(a)}")
+        self._check_influence(influence, batch)
+        return batch
+
+    def _check_influence(self, influence: PyTree, batch: int) -> None:
         want = self.leaf_shapes(batch)
         got = jax.tree.map(jnp.shape, influence)
         if jax.tree.structure(got, is_leaf=lambda t: isinstance(t, tuple)) != jax.tree.structure(
             want, is_leaf=lambda t: isinstance(t, tuple)
         ) or got != want:
             raise ValueError(f"influence does not match this tracker for batch {batch}: expected {want}, got {got}")
-        return batch
+
+    @staticmethod
+    def _check_init_args(batch_size: Any, dtype: Any) -> None:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"influence dtype must be floating point, got {dtype}")
 
     # -------------------------------------------------------------- immediate
     def _immediate(self, jac: StepJacobians) -> dict:

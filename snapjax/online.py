@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from snapjax.cells import CellSpec, as_cell_spec, cell_step
 from snapjax.influence import influence_tracker, parse_method
-from snapjax.uoro import uoro_tracker
+from snapjax.uoro import _is_key, _typed_key, uoro_tracker
 from snapjax.transforms import masked_updates, skip_nonfinite, skipped_count, tree_all_finite
 
 Array = jax.Array
@@ -148,20 +148,6 @@ def _masked_mean(per_example: Array, mask: Array) -> Array:
     total = jnp.sum(jnp.where(mask > 0, per_example * mask, 0))
     return total / jnp.maximum(jnp.sum(mask), 1)
 
-
-def _is_key(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
-
-
-def _typed_key(key: Any) -> Array:
-    """A typed PRNG key; legacy raw ``uint32`` keys (``jax.random.PRNGKey``) are wrapped, so that
-    the state's running key is recognised as a key (never rewound, never treated as batched)."""
-    if _is_key(key):
-        return key
-    raw = jnp.asarray(key)
-    if raw.dtype != jnp.uint32:
-        raise ValueError(f"key must be a PRNG key (jax.random.key) or a raw uint32 key, got dtype {raw.dtype}")
-    return jax.random.wrap_key_data(raw)
 
 
 def _tree_where(pred, a, b):

@@ -56,6 +56,20 @@ def _sq_norm_per_example(tree: PyTree) -> Array:
     return sum(jnp.sum(jnp.reshape(x * x, (x.shape[0], -1)), axis=1) for x in leaves)
 
 
+def _is_key(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def _typed_key(key: Any) -> Array:
+    """A typed PRNG key; legacy raw ``uint32`` keys (``jax.random.PRNGKey``) are wrapped, so that
+    the state's running key is recognised as a key (never rewound, never treated as batched)."""
+    if _is_key(key):
+        return key
+    raw = jnp.asarray(key)
+    if raw.dtype != jnp.uint32:
+        raise ValueError(f"key must be a PRNG key (jax.random.key) or a raw uint32 key, got dtype {raw.dtype}")
+    return jax.random.wrap_key_data(raw)
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class UOROTracker:
     """Static configuration of UORO for one cell and parameter layout.
@@ -85,8 +99,7 @@ class UOROTracker:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"UORO state dtype must be floating point, got {dtype}")
-        if key is None:
-            key = jax.random.key(0)
+        key = jax.random.key(0) if key is None else _typed_key(key)
         b = int(batch_size)
         s_tilde = jnp.zeros((b, self.spec.units, self.spec.state_dim), dtype)
         theta = jax.tree.map(

@@ -325,3 +325,7 @@ def test_raw_uint32_keys_are_wrapped_as_typed_keys():
     assert tree_rel_err(out["raw"].params, out["typed"].params) == 0.0
     with pytest.raises(ValueError, match="PRNG key"):
         learner.init(jnp.zeros((2,), jnp.float32), None, batch_size=2, input_size=3)
+    # the UORO tracker itself wraps a raw key the same way (so do drivers that init it directly)
+    ms = learner.tracker(out["raw"].params["cell"]).init(2, key=jax.random.PRNGKey(3))
+    assert jnp.issubdtype(ms.key.dtype, jax.dtypes.prng_key)
+    assert np.array_equal(jax.random.key_data(ms.key), jax.random.key_data(jax.random.key(3)))
