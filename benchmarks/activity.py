@@ -4,20 +4,25 @@ propagation (snapjax.activity) vs dense exact RTRL (same model, sparsity ignored
 Task: 8×8 digits, one row per step (T=8, input 8, pixel/16), a linear readout on the last
 step's output ``h_T`` (cross-entropy at the last step only, so the online RTRL gradient is
 ``dL/ds_T · J_T`` and one Adam update is applied per sequence batch).  Steps are driven by
-``lax.scan`` inside ``jit``.  Both trackers compute the same exact gradient; the dense one is
-only timed on a few batches (its training trajectory would be identical).
+``lax.scan`` inside ``jit``, through the online-method interface (``method.step`` on the flax
+carry, per-step statistics in ``aux``; ``method.gradient`` with ``dL/dcarry_T``).
 
 State size k = 2·units (EGRU keeps (c, h) per unit): --units 128 ⇔ k = 256.
 
-Three trackers compute the same exact gradient: ``sparse`` (activity-sparse, blocks of
-``--block`` units), ``ignored`` (the same kernel told to process every unit every step: activity
-ignored, structure of D still exploited) and ``dense`` (the library's dense exact RTRL, the full
-(U·m)² product).  Training uses ``sparse``; the three are timed interleaved on the same
-parameters and batches after training (α then is the trained network's).
+Three methods compute the same exact gradient: ``sparse`` (``online_method("activity")``,
+blocks of ``--block`` units), ``ignored`` (the same kernel told to process every unit every step:
+activity ignored, structure of D still exploited) and ``dense`` (``online_method("rtrl")``, the
+library's dense exact RTRL, the full (U·m)² product).  Training uses ``sparse``; the three are
+timed interleaved on the same parameters and batches after training (α then is the trained
+network's).  The dense one is only timed on a few batches (its training trajectory would be
+identical).
 
 Usage:
   python benchmarks/activity.py --quick          # a few minutes on 2 CPU cores
   python benchmarks/activity.py                  # 200 online batches per row (~30 min on 2 CPU cores)
+
+Output: ``benchmarks/out/activity_cpu.json`` unless ``--out`` (the published numbers are in
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import snapjax as sj
-from snapjax.activity import activity_sparse_tracker, step_cost
+from snapjax.activity import step_cost
 from snapjax.egru import EGRUCell
 
 
@@ -78,33 +83,30 @@ def build(args, density, seed):
     return cell, {"cell": params, "readout": readout}, masks
 
 
-def make_train_step(cell, tracker, opt, masks, with_stats):
-    spec = cell.spec
+def make_train_step(method, opt, masks):
+    """One online update per sequence batch with ``method`` (an ``snapjax.OnlineMethod``);
+    returns ``(theta, opt_state, loss, acc, aux)`` with ``aux`` stacked over the T steps."""
 
-    def loss_from_state(ro, s, y):
-        logits = spec.output(s) @ ro["w"] + ro["b"]
+    def loss_from_carry(ro, carry, y):
+        logits = method.cell.output(carry) @ ro["w"] + ro["b"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
     @jax.jit
     def train_step(theta, opt_state, xs, y):
         p = theta["cell"]
         B = xs.shape[1]
-        s0 = spec.zero_state(B)
-        J0 = tracker.init(B, jnp.float32)
+        carry0 = method.init_carry(B, jnp.float32)
+        state0 = method.init(B, jnp.float32)
 
         def body(c, x):
-            s, J = c
-            if with_stats:
-                s, J, st = tracker.step_with_stats(p, s, J, x)
-                return (s, J), st
-            s, J = tracker.step(p, s, J, x)
-            return (s, J), None
+            carry, state, aux = method.step(p, *c, x)
+            return (carry, state), aux
 
-        (s, J), stats = jax.lax.scan(body, (s0, J0), xs)
-        (loss, logits), (g_ro, dlds) = jax.value_and_grad(loss_from_state, argnums=(0, 1), has_aux=True)(
-            theta["readout"], s, y
+        (carry, state), stats = jax.lax.scan(body, (carry0, state0), xs)
+        (loss, logits), (g_ro, dl_dcarry) = jax.value_and_grad(loss_from_carry, argnums=(0, 1), has_aux=True)(
+            theta["readout"], carry, y
         )
-        g_cell = tracker.gradient(J, dlds)
+        g_cell, _ = method.gradient(p, state, dl_dcarry)
         if masks is not None:
             g_cell = {k: ({**v, "kernel": v["kernel"] * masks[k]} if k in masks else v) for k, v in g_cell.items()}
         grads = {"cell": g_cell, "readout": g_ro}
@@ -148,19 +150,16 @@ def run_config(args, density, threshold, train, test, progress):
     cell, theta, masks = build(args, density, args.seed)
     opt = optax.adam(args.lr)
     U = args.units
-    sparse = activity_sparse_tracker(cell, theta["cell"], masks=masks, block=args.block)
-    ignored = activity_sparse_tracker(cell, theta["cell"], masks=masks, block=U)  # every unit, every step
-    dense = sj.influence_tracker(cell, theta["cell"], "rtrl", masks=masks)
-    steps = {
-        "sparse": make_train_step(cell, sparse, opt, masks, True),
-        "ignored": make_train_step(cell, ignored, opt, masks, True),
-        "dense": make_train_step(cell, dense, opt, masks, False),
-    }
+    sparse = sj.online_method("activity", cell, theta["cell"], masks=masks, block=args.block)
+    ignored = sj.online_method("activity", cell, theta["cell"], masks=masks, block=U)  # every unit, every step
+    dense = sj.online_method("rtrl", cell, theta["cell"], masks=masks)
+    methods = {"sparse": sparse, "ignored": ignored, "dense": dense}
+    steps = {name: make_train_step(m, opt, masks) for name, m in methods.items()}
     evaluate = make_eval(cell, masks)
     T = 8
     rng = np.random.default_rng(args.seed)
 
-    # --- train online with the activity-sparse tracker (exact RTRL)
+    # --- train online with the activity-sparse method (exact RTRL)
     opt_state = opt.init(theta)
     t0 = time.perf_counter()
     jax.block_until_ready(steps["sparse"](theta, opt_state, *next(batches(*train, args.batch, rng))))
@@ -183,7 +182,7 @@ def run_config(args, density, threshold, train, test, progress):
         accs.append(float(acc))
     alphas, caps = np.concatenate(alphas), np.concatenate(caps)
 
-    # --- time the three trackers on the same fixed batches and (trained) parameters, interleaved
+    # --- time the three methods on the same fixed batches and (trained) parameters, interleaved
     tb = [b for _, b in zip(range(args.time_batches), batches(*train, args.batch, np.random.default_rng(1)))]
     opt_state0 = opt.init(theta)
     for name in ("ignored", "dense"):
@@ -204,7 +203,7 @@ def run_config(args, density, threshold, train, test, progress):
                     c_t.append(np.asarray(o[4]["capacity"]))
     a_t, c_t = np.concatenate(a_t), np.concatenate(c_t)
 
-    # --- exactness spot check: the same update from the same state with each tracker
+    # --- exactness spot check: the same update from the same state with each method
     outs = {k: f(theta, opt_state0, *tb[0])[0] for k, f in steps.items()}
     diff = {
         k: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outs[k]), jax.tree.leaves(outs["dense"])))
@@ -273,7 +272,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="few train batches, one threshold (minutes on CPU)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "activity_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "activity_cpu.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.train_batches, args.time_batches, args.repeats = 30, 2, 2

@@ -54,7 +54,8 @@ import optax  # noqa: E402
 
 from snapjax.data.text import TextCorpus, char_batches, load_shakespeare  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed, published runs (pass --out to rewrite)
+OUT_DIR = Path(__file__).resolve().parent / "out"  # default output: untracked (.gitignore)
 
 
 @dataclasses.dataclass
@@ -201,7 +202,8 @@ def main(argv=None, cfg: CharConfig | None = None, corpus: TextCorpus | None = N
     p.add_argument("--chars", type=int, default=None, help="character budget per run")
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--cache-dir", type=str, default=None, help="Shakespeare cache directory")
-    p.add_argument("--out", type=str, default=None)
+    p.add_argument("--out", type=str, default=None,
+                   help="output directory (default benchmarks/out; the published runs are in benchmarks/results)")
     p.add_argument("--tag", type=str, default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -221,7 +223,7 @@ def main(argv=None, cfg: CharConfig | None = None, corpus: TextCorpus | None = N
             p.error(f"unknown method {m!r}")
     if corpus is None:
         corpus = load_shakespeare(args.cache_dir)
-    out = Path(out_dir or args.out or RESULTS_DIR)
+    out = Path(out_dir or args.out or OUT_DIR)
     tag = args.tag or cfg.mode
     progress = progress and not args.no_progress
     print(f"char LM [{tag}] vocab={corpus.vocab_size} train={len(corpus.train):,} chars GRU units={cfg.units} "

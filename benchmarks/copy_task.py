@@ -16,7 +16,7 @@ Protocol (SnAp paper, after Mujika et al. 2018; see snapjax.data.copy_task):
 * sparsity: every GRU kernel (input and recurrent) keeps a random fixed fraction ``density``
   of its entries (``make_masks``); biases and the read-out stay dense.
 
-Outputs (``--out``, default ``benchmarks/results``): ``copy_task_<mode>.json`` (config and
+Outputs (``--out``, default ``benchmarks/out``, untracked; published runs: ``benchmarks/results``): ``copy_task_<mode>.json`` (config and
 the full L-vs-tokens history of every run), ``.png`` (L vs tokens, one panel per density)
 and ``.md`` (table).  Usage::
 
@@ -59,7 +59,8 @@ from snapjax.data.copy_task import (  # noqa: E402
     curriculum_update,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed, published runs (pass --out to rewrite)
+OUT_DIR = Path(__file__).resolve().parent / "out"  # default output: untracked (.gitignore)
 
 
 @dataclasses.dataclass
@@ -221,7 +222,8 @@ def main(argv=None, cfg: CopyConfig | None = None, out_dir: str | Path | None = 
     p.add_argument("--tokens", type=int, default=None, help="token budget per run")
     p.add_argument("--time-budget", type=float, default=None, help="wall-clock cap per run (s)")
     p.add_argument("--tbptt-window", type=int, default=None)
-    p.add_argument("--out", type=str, default=None)
+    p.add_argument("--out", type=str, default=None,
+                   help="output directory (default benchmarks/out; the published runs are in benchmarks/results)")
     p.add_argument("--tag", type=str, default=None, help="output name suffix (default quick/full)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -239,7 +241,7 @@ def main(argv=None, cfg: CopyConfig | None = None, out_dir: str | Path | None = 
     for m in cfg.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}")
-    out = Path(out_dir or args.out or RESULTS_DIR)
+    out = Path(out_dir or args.out or OUT_DIR)
     tag = args.tag or cfg.mode
     progress = progress and not args.no_progress
 

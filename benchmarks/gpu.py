@@ -1,7 +1,7 @@
 """GPU benchmark of snapjax: ceilings, SnAp-1 bandwidth, exact RTRL FLOP/s, SnAp-2, memory vs T.
 
 Everything is measured in ONE run on one device (``jax.devices()[0]``) and printed as a
-markdown table at the end; results go to ``benchmarks/results/gpu_<device_kind>.json``
+markdown table at the end; results go to ``benchmarks/out/gpu_<device_kind>.json``
 (written after every section, so a run cut short keeps what it measured).
 
 Sections:
@@ -70,7 +70,7 @@ from snapjax.sparsity import random_masks  # noqa: E402
 from _timing import machine_info, time_fn  # noqa: E402
 
 N_IN = 64
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # untracked; published: results/
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -458,7 +458,8 @@ def markdown(res: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, < 60 s): tests the script")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_<device_kind>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/gpu_<device_kind>.json, untracked; "
+                    "the published runs are in benchmarks/results)")
     ap.add_argument("--mem-gb", type=float, default=40.0, help="memory budget per config (GiB)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (5; 3 in --smoke)")
     ap.add_argument("--call-budget-s", type=float, default=None, help="target seconds per timed call")

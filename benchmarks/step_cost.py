@@ -187,7 +187,8 @@ def main(argv=None):
     ap.add_argument("--call-budget-s", dest="call_budget_s", type=float, default=None,
                     help="target seconds per timed call for slow configs (picks T)")
     ap.add_argument("--assumed-gflops", dest="assumed_gflops", type=float, default=10.0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step_cost_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "step_cost_cpu.json"),
+                    help="JSON path (default benchmarks/out/step_cost_cpu.json, untracked; published: benchmarks/results)")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     args = ap.parse_args(argv)
     if args.ks is None:

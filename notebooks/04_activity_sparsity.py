@@ -18,9 +18,10 @@
 # state `c` crosses its threshold `ϑ`: the output is `h = H(c - ϑ)·c`, zero most of the time.
 # A unit that is silent (no event, and outside the pseudo-derivative window `|c - ϑ| < ε`)
 # has `h = 0` **and** `dh/dθ = 0` exactly, so its column of the recurrent Jacobian contributes
-# nothing to the RTRL update `J_t = D_t J_{t-1} + I_t`. `snapjax.activity` skips those units
-# (exactly — no approximation): the expensive part of exact RTRL then scales with the fraction
-# of active units `α`.
+# nothing to the RTRL update `J_t = D_t J_{t-1} + I_t`. The online method `"activity"`
+# (`sj.online_method("activity", cell, params)`) skips those units (exactly — no
+# approximation): the expensive part of exact RTRL then scales with the fraction of active
+# units `α`.
 #
 # This notebook shows an events raster, measures `α`, checks that the activity-sparse RTRL
 # gradient equals dense RTRL (and BPTT), and counts the FLOPs saved.
@@ -31,13 +32,13 @@ import time
 
 FAST = os.environ.get("SNAPJAX_FAST", "0") == "1"
 try:
-    import snapjax
+    import snapjax as sj
 except ImportError:  # fallback for a source checkout without `pip install -e .`
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path.cwd().resolve().parent))
-    import snapjax
+    import snapjax as sj
 
 import jax
 import jax.numpy as jnp
@@ -45,39 +46,38 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
-from snapjax.activity import activity_sparse_tracker, step_cost
-from snapjax.egru import EGRUCell
+from snapjax.activity import step_cost
 
 T0 = time.perf_counter()
 UNITS, N_IN, B = 32, 8, 4
 T = 40 if FAST else 120
 
 # Threshold 0.5, pseudo-derivative γ·max(0, 1 - |c-ϑ|/ε) with ε = 0.1: a narrow window.
-cell = EGRUCell(UNITS, threshold_init=0.5, epsilon=0.1)
-spec = cell.spec
+cell = sj.EGRUCell(UNITS, threshold_init=0.5, epsilon=0.1)
+rec = sj.as_recurrent(cell)  # the cell as the methods see it: a step on the flax carry (c, h)
 xs = jax.random.normal(jax.random.key(1), (T, B, N_IN))  # (T, B, n_in), time-major
-carry0 = cell.initialize_carry(jax.random.key(0), (B, N_IN))  # (c, h)
+carry0 = cell.initialize_carry(jax.random.key(0), (B, N_IN))  # (c, h), each (B, units)
 params = cell.init(jax.random.key(0), carry0, xs[0])["params"]
 print({k: (jax.tree.map(jnp.shape, v) if isinstance(v, dict) else v.shape) for k, v in params.items()})
 
 # %% [markdown]
 # ## Events raster
 #
-# The forward pass only (`snapjax.cell_step` in a `lax.scan`); an event is `h ≠ 0`.
+# The forward pass only (`rec.apply` on the flax carry in a `lax.scan`); an event is `h ≠ 0`.
 
 
 # %%
 @jax.jit
 def forward(params, xs):
-    def body(s, x):
-        s = snapjax.cell_step(spec, params, s, x)
-        return s, s
+    def body(carry, x):
+        carry = rec.apply(params, carry, x)
+        return carry, carry
 
-    return lax.scan(body, spec.zero_state(B), xs)[1]  # (T, B, units, (c, h))
+    return lax.scan(body, carry0, xs)[1]  # (c, h), each (T, B, units)
 
 
-states = forward(params, xs)
-events = np.asarray(states[..., spec.readout] != 0)  # (T, B, units)
+c, h = (np.asarray(a) for a in forward(params, xs))
+events = h != 0  # (T, B, units)
 alpha = events.mean()
 print(f"fraction of active units (events) α = {alpha:.3f}")
 
@@ -93,18 +93,18 @@ plt.show()
 
 assert 0.0 < alpha < 1.0
 # h is exactly c where an event happened (c above threshold) and exactly 0 elsewhere.
-c, h = np.asarray(states[..., 0]), np.asarray(states[..., 1])
 theta = np.asarray(params["threshold"])
 assert np.array_equal(events, c > theta) and np.array_equal(h[events], c[events])
 
 # %% [markdown]
 # ## Activity-sparse exact RTRL
 #
-# `activity_sparse_tracker` has the same protocol as `snapjax.influence_tracker`; per step it
-# gathers only the active units' read-out rows of the influence and processes them in blocks
-# of `block` units (`lax.fori_loop`s with a dynamic trip count, every buffer updated in place),
-# so the work grows with the number of active units; when every unit fires it runs all blocks,
-# which is still exact. Its summed online gradient must equal dense RTRL and BPTT.
+# `sj.online_method("activity", ...)` is an `OnlineMethod` like `"rtrl"` (same `init`, `step`,
+# `gradient`, flax carries); per step it gathers only the active units' read-out rows of the
+# influence and processes them in blocks of `block` units (`lax.fori_loop`s with a dynamic trip
+# count, every buffer updated in place), so the work grows with the number of active units;
+# when every unit fires it runs all blocks, which is still exact. Its summed online gradient
+# (`sj.online_gradient`) must equal dense RTRL and BPTT.
 
 # %%
 ys = jax.random.normal(jax.random.key(2), (T, B, UNITS)) * 0.3
@@ -114,14 +114,14 @@ def loss_fn(h, y):
     return 0.5 * jnp.sum((h - y) ** 2)
 
 
-sparse_tr = activity_sparse_tracker(cell, params)
-dense_tr = snapjax.influence_tracker(cell, params, "rtrl")
-print(f"block = {sparse_tr.block} units, {-(-UNITS // sparse_tr.block)} blocks when all {UNITS} units are active")
+sparse = sj.online_method("activity", cell, params)
+dense = sj.online_method("rtrl", cell, params)
+print(f"block = {sparse.block} units, {-(-UNITS // sparse.block)} blocks when all {UNITS} units are active")
 
-f_sparse = jax.jit(lambda p: snapjax.online_gradient(sparse_tr, p, carry0, xs, ys, loss_fn))
-f_dense = jax.jit(lambda p: snapjax.online_gradient(dense_tr, p, carry0, xs, ys, loss_fn))
+f_sparse = jax.jit(lambda p: sj.online_gradient(sparse, p, carry0, xs, ys, loss_fn))
+f_dense = jax.jit(lambda p: sj.online_gradient(dense, p, carry0, xs, ys, loss_fn))
 g_sparse, g_dense = f_sparse(params), f_dense(params)
-g_bptt = jax.jit(lambda p: snapjax.bptt_gradient(cell, p, carry0, xs, ys, loss_fn))(params)
+g_bptt = jax.jit(lambda p: sj.bptt_gradient(cell, p, carry0, xs, ys, loss_fn))(params)
 
 flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g.grads)])
 gs, gd, gb = flat(g_sparse), flat(g_dense), flat(g_bptt)
@@ -135,9 +135,11 @@ assert rel(gs, gb) < 1e-4
 # %% [markdown]
 # ## Measured activity and the RTRL cost saved
 #
-# `step_with_stats` also reports, per step, the fraction of units whose influence is nonzero
-# (`alpha`: events plus units inside the pseudo-derivative window — a superset of the events)
-# and the capacity actually computed (blocks × block size). `snapjax.activity.step_cost` turns the capacity into FLOPs
+# `step` returns, besides the new carry and method state, per-step statistics in `aux`: the
+# fraction of units whose influence is nonzero (`alpha`, before the step: events plus units
+# inside the pseudo-derivative window — a superset of the events) and the capacity actually
+# computed (blocks × block size); the state's `active` holds the active set itself. Here the
+# steps are driven by hand in a `lax.scan`. `snapjax.activity.step_cost` turns the capacity into FLOPs
 # of the propagation, against dense RTRL (the full `(k·m)×(k·m)` Jacobian product) and
 # against a dense RTRL that already exploits the structure of `D` (only `h` mixes units).
 
@@ -145,30 +147,29 @@ assert rel(gs, gb) < 1e-4
 # %%
 @jax.jit
 def run_stats(params, xs):
-    def body(carry, x):
-        s, J = carry
-        s, J, st = sparse_tr.step_with_stats(params, s, J, x)
-        return (s, J), (s, J.active, st)
+    def body(c, x):
+        carry, state, aux = sparse.step(params, *c, x)
+        return (carry, state), (sparse.cell.output(carry), state.active, aux)
 
-    return lax.scan(body, (spec.zero_state(B), sparse_tr.init(B)), xs)[1]
+    return lax.scan(body, (carry0, sparse.init(B)), xs)[1]
 
 
-s_tr, active, stats = run_stats(params, xs)
+h_tr, active, stats = run_stats(params, xs)
 active = np.asarray(active)  # (T, B, units): units with nonzero read-out influence after step t
-events_tr = np.asarray(s_tr[..., spec.readout] != 0)
+events_tr = np.asarray(h_tr) != 0
 alpha_infl = np.asarray(stats["alpha"])  # per step, fraction of units active at t-1
 capacity = np.asarray(stats["capacity"])
 
-# The tracker's forward pass is the same as the plain one: same events raster.
+# The method's forward pass is the same as the plain one: same events raster.
 assert np.array_equal(events_tr, events)
-# Every event is an active unit of the influence (events ⊆ active), and the measured α of the
-# tracker is the mean of the previous step's active set.
+# Every event is an active unit of the influence (events ⊆ active), and the reported α is the
+# mean of the previous step's active set.
 assert np.all(active | ~events)
 assert np.allclose(alpha_infl[1:], active[:-1].mean(axis=(1, 2)), atol=1e-6) and alpha_infl[0] == 0
 n_active_prev = np.r_[0, active[:-1].sum(-1).max(-1)]  # most active units in the batch, step t-1
 assert np.all(capacity >= n_active_prev)  # the computed capacity always covers the active set
 
-cost = step_cost(sparse_tr, B, capacity)
+cost = step_cost(sparse, B, capacity)
 flops = float(np.sum(cost["flops"]))
 flops_dense = float(cost["flops_dense"]) * T
 flops_struct = float(cost["flops_dense_structured"]) * T

@@ -1,12 +1,12 @@
-"""snapjax: online training of recurrent networks with RTRL, SnAp-n and UORO in JAX.
+"""snapjax: online training of recurrent networks with RTRL, SnAp-n, UORO and TBPTT in JAX.
 
-Layers, one direction of flow: cell (:mod:`snapjax.cells`) → compressed per-step Jacobians
-(:mod:`snapjax.jacobians`) → influence (:mod:`snapjax.influence`, :mod:`snapjax.uoro`,
-:mod:`snapjax.activity`) → gradient (:mod:`snapjax.scan`) → optax (:mod:`snapjax.transforms`,
-:mod:`snapjax.online`).
+One direction of flow: cell (:mod:`snapjax.cells`, :mod:`snapjax.recurrent`) → compressed
+per-step Jacobians (:mod:`snapjax.jacobians`) → an online method behind one interface
+(:mod:`snapjax.methods`: :class:`OnlineMethod`, built by name with :func:`online_method`) →
+gradient (:mod:`snapjax.scan`) → optax (:mod:`snapjax.transforms`) → the whole-model learner
+(:mod:`snapjax.model`, :mod:`snapjax.learner`).
 """
 
-from snapjax.activity import ActivityInfluence, ActivitySparseTracker, activity_sparse_tracker, step_cost
 from snapjax.cells import (
     CellSpec,
     GRUCell,
@@ -17,16 +17,27 @@ from snapjax.cells import (
     cell_step,
     gru_spec,
     lstm_spec,
+    mgu_spec,
     vanilla_spec,
+    verify_spec,
 )
+from snapjax.activity import ActivityInfluence, ActivitySparseRTRL, step_cost
 from snapjax.checkpoint import restore_state, save_state, state_from_bytes, state_to_bytes
 from snapjax.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
-from snapjax.influence import InfluenceTracker, influence_tracker, parse_method
-from snapjax.jacobians import StepJacobians, dense_dynamics, step_jacobians
-from snapjax.online import OnlineLearner, OnlineState, TBPTTState, mse_loss, shard_batch, softmax_xent_loss
-from snapjax.patterns import NeighbourTable, kernel_layout, neighbour_table
+from snapjax.learner import OnlineLearner, OnlineState
+from snapjax.lru import LRUCell, lru_lambda, lru_spec
+from snapjax.nnx import from_nnx, to_nnx
+from snapjax.losses import Loss, get_loss, mse_loss, softmax_xent_loss
+from snapjax.methods import OnlineMethod, StepResult, online_method
+from snapjax.methods.compressed import InfluenceState
+from snapjax.methods.generic import DenseInfluence, GenericInfluence, dense_method
+from snapjax.methods.tbptt import TBPTTState
+from snapjax.model import OnlineModel
+from snapjax.recurrent import Recurrent, as_recurrent
 from snapjax.scan import SequenceGradient, bptt_gradient, online_gradient
+from snapjax.sharding import shard_batch
 from snapjax.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
+from snapjax.uoro import UORO, UOROState, uoro_method
 from snapjax.transforms import (
     AccumulateOnlineState,
     SkipNonFiniteState,
@@ -35,25 +46,24 @@ from snapjax.transforms import (
     skip_nonfinite,
     skipped_count,
 )
-from snapjax.uoro import UOROState, UOROTracker, uoro_tracker
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # cells
     "CellSpec", "Projection", "VanillaCell", "GRUCell", "LSTMCell", "EGRUCell",
-    "vanilla_spec", "gru_spec", "lstm_spec", "egru_spec", "heaviside", "PSEUDO_DERIVATIVES",
-    "as_cell_spec", "cell_step",
-    # Jacobians and patterns
-    "StepJacobians", "step_jacobians", "dense_dynamics", "NeighbourTable", "neighbour_table", "kernel_layout",
-    # online gradient methods
-    "InfluenceTracker", "influence_tracker", "parse_method",
-    "UOROState", "UOROTracker", "uoro_tracker",
-    "ActivityInfluence", "ActivitySparseTracker", "activity_sparse_tracker", "step_cost",
+    "vanilla_spec", "gru_spec", "lstm_spec", "mgu_spec", "egru_spec", "heaviside", "PSEUDO_DERIVATIVES",
+    "LRUCell", "lru_spec", "lru_lambda", "from_nnx", "to_nnx",
+    "as_cell_spec", "cell_step", "verify_spec", "Recurrent", "as_recurrent",
+    # online methods (one interface)
+    "OnlineMethod", "StepResult", "online_method", "InfluenceState", "TBPTTState",
+    "ActivitySparseRTRL", "ActivityInfluence", "step_cost",
+    "UORO", "UOROState", "uoro_method", "DenseInfluence", "GenericInfluence", "dense_method",
     # sequence drivers
     "SequenceGradient", "online_gradient", "bptt_gradient",
-    # training
-    "OnlineLearner", "OnlineState", "TBPTTState", "shard_batch", "softmax_xent_loss", "mse_loss",
+    # models and training
+    "OnlineModel", "OnlineLearner", "OnlineState", "Loss", "get_loss", "softmax_xent_loss", "mse_loss",
+    "shard_batch",
     "skip_nonfinite", "masked_updates", "accumulate_online", "skipped_count",
     "SkipNonFiniteState", "AccumulateOnlineState",
     "save_state", "restore_state", "state_to_bytes", "state_from_bytes",

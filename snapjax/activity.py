@@ -62,33 +62,51 @@ FLOPs and one elementwise pass over ``other``, plus ``O(M·K²)`` for the read-o
 Parameter sparsity (``masks``) composes: kernels are stored compressed
 (:func:`snapjax.patterns.kernel_layout`), shrinking ``M``; the savings multiply.  SnAp-n whose
 pattern uses the dense layout is supported (the pattern is applied to both parts).
+
+Interface.  :class:`ActivitySparseRTRL` is an :class:`snapjax.OnlineMethod` (build it with
+``snapjax.online_method("activity", cell, params, block=...)``): ``step`` takes and returns
+the flax carry and reports the statistics above in ``aux``; the dense-layout configuration
+(spec, masks, compressed kernels, SnAp pattern, precision) is an
+:class:`snapjax.influence.InfluenceTracker` held as the field ``tracker``, to which storage
+shapes, immediate Jacobians, decompression and ``to_dense`` are delegated.  Example::
+
+    >>> import jax, jax.numpy as jnp, snapjax as sj
+    >>> cell = sj.EGRUCell(8)
+    >>> params = cell.init(jax.random.key(0), cell.initialize_carry(None, (2, 3)), jnp.zeros((2, 3)))["params"]
+    >>> method = sj.online_method("activity", cell, params, block=4)
+    >>> carry, state = method.init_carry(2), method.init(2)
+    >>> carry, state, aux = method.step(params, carry, state, jnp.ones((2, 3)))
+    >>> grads, state = method.gradient(params, state, jax.tree.map(jnp.ones_like, carry))
+    >>> sorted(aux), float(aux["alpha"])
+    (['alpha', 'alpha_next', 'blocks', 'capacity', 'max_active'], 0.0)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from snapjax.cells import as_cell_spec, masked_kernel
+from snapjax._activity_kernel import propagate
 from snapjax.influence import InfluenceTracker, influence_tracker
-from snapjax.jacobians import step_jacobians
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
 from snapjax.patterns import derivative_patterns
+from snapjax.recurrent import Recurrent, as_recurrent
 
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["ActivityInfluence", "ActivitySparseTracker", "activity_sparse_tracker", "step_cost"]
-
+__all__ = ["ActivityInfluence", "ActivitySparseRTRL", "activity_method", "step_cost"]
 
 
 class ActivityInfluence(NamedTuple):
-    """Method state of :class:`ActivitySparseTracker` (see the module docstring).
+    """Method state of :class:`ActivitySparseRTRL` (see the module docstring); every leaf has
+    its batch axis first.
 
     Attributes:
       other: per parameter leaf, ``(B, U(u)·(m-1), M)``: the influence on the state components
@@ -111,106 +129,149 @@ class ActivityInfluence(NamedTuple):
     active: Array
 
 
+_is_shape = lambda t: isinstance(t, tuple)  # noqa: E731
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class ActivitySparseTracker(InfluenceTracker):
-    """Exact RTRL (dense-layout) tracker whose ``step`` skips silent units exactly.
+class ActivitySparseRTRL(OnlineMethod):
+    """Exact RTRL (or dense-layout SnAp-n) whose step skips silent units exactly.
 
-    Same protocol as :class:`InfluenceTracker` (``init``, ``step``, ``gradient``, ``spec``,
-    ``masks``, ``to_dense``, ``num_stored``); the method state is an :class:`ActivityInfluence`.
-    Build with :func:`activity_sparse_tracker`.
+    Build with ``snapjax.online_method("activity", ...)`` (or :func:`activity_method`).  The
+    state is an :class:`ActivityInfluence`; ``step``'s ``aux`` holds the per-step statistics
+    ``alpha`` (mean over the batch of the fraction of units whose read-out influence
+    ``J_{t-1}[·, u, r]`` may be nonzero: the columns that enter the product), ``alpha_next``
+    (the same for ``J_t``), ``max_active`` (most such units in one example, over both),
+    ``blocks`` (blocks of ``block`` columns computed) and ``capacity`` (columns of the main
+    product per example, ``max(blocks, 1)·block``), all scalars.
 
-    Extra attributes:
+    Attributes:
+      cell: the cell (its ``spec`` is ``tracker.spec``).
+      tracker: the dense-layout :class:`snapjax.influence.InfluenceTracker` (exact RTRL, or
+        SnAp-n with a full neighbour table): spec, masks, compressed kernels, pattern, precision.
       block: granularity of the active set: the read-out rows are processed ``block`` at a time
         and the main product uses ``K = block·ceil(n/block)`` columns (``n`` = most active units
         in the batch).
       state_pairs: static ``(a, c)`` pairs where ``∂φ_a/∂s_c`` can be nonzero (within-unit term).
+      name: ``"activity"`` (RTRL) or ``"activity-snapN"``.
     """
 
-    block: int = 32
-    state_pairs: tuple = ()
+    cell: Recurrent
+    tracker: InfluenceTracker
+    block: int
+    state_pairs: tuple
+    name: str = "activity"
 
     # ---------------------------------------------------------------- storage
     @property
     def _other_comps(self) -> list[int]:
-        return [a for a in range(self.spec.state_dim) if a != self.spec.readout]
+        spec = self.tracker.spec
+        return [a for a in range(spec.state_dim) if a != spec.readout]
 
     @property
     def _readout_from_other(self) -> list[int]:
         """Components ``c ≠ r`` that the read-out reads within its unit (``∂φ_r/∂s_c ≠ 0``)."""
-        r = self.spec.readout
+        r = self.tracker.spec.readout
         return sorted({c for a, c in self.state_pairs if a == r and c != r})
 
     @property
     def _padded_units(self) -> int:
-        return -(-self.spec.units // self.block) * self.block
+        return -(-self.tracker.spec.units // self.block) * self.block
 
     def _split_shapes(self, batch_size: int) -> tuple[dict, dict, dict]:
-        md = self.spec.state_dim - 1
-        full = self.leaf_shapes(batch_size)
-        is_shape = lambda t: isinstance(t, tuple)  # noqa: E731
+        md = self.tracker.spec.state_dim - 1
+        full = self.tracker.leaf_shapes(batch_size)
         rows = lambda s: math.prod(s[1:-2])  # noqa: E731  M = L·U(i) stored parameter entries
-        other = jax.tree.map(lambda s: (s[0], s[-2] * md, rows(s)), full, is_leaf=is_shape)
-        readout = jax.tree.map(lambda s: (s[0], s[-2], rows(s)), full, is_leaf=is_shape)
+        other = jax.tree.map(lambda s: (s[0], s[-2] * md, rows(s)), full, is_leaf=_is_shape)
+        readout = jax.tree.map(lambda s: (s[0], s[-2], rows(s)), full, is_leaf=_is_shape)
         n_scratch = self._padded_units * (1 + len(self._readout_from_other))
-        scratch = jax.tree.map(lambda s: (s[0], n_scratch, rows(s)), full, is_leaf=is_shape)
+        scratch = jax.tree.map(lambda s: (s[0], n_scratch, rows(s)), full, is_leaf=_is_shape)
         return other, readout, scratch
 
     def _param_shapes(self) -> dict:
         """Compressed parameter shape ``(*lead, U(i))`` per leaf."""
-        return jax.tree.map(lambda s: s[1:-2], self.leaf_shapes(1), is_leaf=lambda t: isinstance(t, tuple))
+        return jax.tree.map(lambda s: s[1:-2], self.tracker.leaf_shapes(1), is_leaf=_is_shape)
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> ActivityInfluence:
         """Zero influence (all units inactive) for ``batch_size`` examples; ``key`` is unused."""
-        del key
-        self._check_init_args(batch_size, dtype)
-        is_shape = lambda t: isinstance(t, tuple)  # noqa: E731
-        other, readout, scratch = self._split_shapes(int(batch_size))
+        del key  # deterministic
+        batch = check_batch_size(batch_size)
+        self.tracker._check_init_args(batch, dtype)
+        other, readout, scratch = self._split_shapes(batch)
         zeros = lambda s: jnp.zeros(s, dtype)  # noqa: E731
         return ActivityInfluence(
-            jax.tree.map(zeros, other, is_leaf=is_shape),
-            jax.tree.map(zeros, readout, is_leaf=is_shape),
-            jax.tree.map(zeros, scratch, is_leaf=is_shape),
-            jnp.zeros((int(batch_size), self.spec.units), bool),
+            jax.tree.map(zeros, other, is_leaf=_is_shape),
+            jax.tree.map(zeros, readout, is_leaf=_is_shape),
+            jax.tree.map(zeros, scratch, is_leaf=_is_shape),
+            jnp.zeros((batch, self.tracker.spec.units), bool),
         )
 
-    def _check_influence(self, influence: Any, batch: int) -> None:
-        if not isinstance(influence, ActivityInfluence):
-            raise ValueError("influence must come from ActivitySparseTracker.init (an ActivityInfluence)")
+    def batch_axes(self) -> ActivityInfluence:
+        return ActivityInfluence(other=0, readout=0, scratch=0, active=0)
+
+    def num_stored(self) -> int:
+        """Floats of method state per example: the influence (= dense RTRL's, ``tracker.num_stored()``)
+        plus the work buffer ``scratch``."""
+        scratch = jax.tree.leaves(self._split_shapes(1)[2], is_leaf=_is_shape)
+        return self.tracker.num_stored() + int(sum(math.prod(s) for s in scratch))
+
+    # ------------------------------------------------------------- validation
+    def _check_state(self, state: Any, batch: int) -> None:
+        if not isinstance(state, ActivityInfluence):
+            raise ValueError(f"state must come from {self.name!r} method's init (an ActivityInfluence), "
+                             f"got {type(state).__name__}")
         want = self._split_shapes(batch)
-        got = tuple(jax.tree.map(jnp.shape, t) for t in (influence.other, influence.readout, influence.scratch))
-        if got != want or jnp.shape(influence.active) != (batch, self.spec.units):
+        got = tuple(jax.tree.map(jnp.shape, t) for t in (state.other, state.readout, state.scratch))
+        units = self.tracker.spec.units
+        if got != want or jnp.shape(state.active) != (batch, units):
             raise ValueError(
-                f"influence does not match this tracker for batch {batch}: expected (other, readout, "
-                f"scratch) shapes {want} and active ({batch}, {self.spec.units}); got {got} and "
-                f"{jnp.shape(influence.active)}"
+                f"influence does not match this method for batch {batch}: expected (other, readout, "
+                f"scratch) shapes {want} and active ({batch}, {units}); got {got} and {jnp.shape(state.active)}"
             )
 
-    def to_dense(self, influence: ActivityInfluence) -> PyTree:
-        """Dense ``(B, *param_shape, units, m)`` per leaf, as :meth:`InfluenceTracker.to_dense`."""
-        r, comps = self.spec.readout, self._other_comps
+    def _check_carry(self, carry: PyTree, batch: int, what: str) -> None:
+        want = [a.shape for a in jax.tree.leaves(jax.eval_shape(functools.partial(self.cell.init_carry, batch)))]
+        leaves = jax.tree.leaves(carry)
+        got = [jnp.shape(a) for a in leaves]
+        if got != want:
+            raise ValueError(f"{what} must be the flax carry of {self.cell.name} for batch {batch}: expected "
+                             f"array shapes {want}, got {got}")
+        for a in leaves:
+            if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+                raise ValueError(f"{what} must be floating point, got {jnp.result_type(a)}")
 
-        U = self.spec.units
+    # ------------------------------------------------------------------- step
+    def step(self, params: PyTree, carry: PyTree, state: ActivityInfluence, x: Array) -> StepResult:
+        """One exact RTRL step ``(carry_t, J_t, aux)``; see the class and module docstrings (the
+        kernel is :func:`snapjax._activity_kernel.propagate`).
 
-        def assemble(Jo, Jr, pshape):
-            batch = Jo.shape[0]
-            Jr = jnp.moveaxis(Jr, 1, -1).reshape((batch,) + pshape + (U,))  # (B, *lead, U(i), U(u))
-            Jo = jnp.moveaxis(Jo.reshape((batch, U, len(comps)) + pshape), (1, 2), (-2, -1))
-            parts = [None] * self.spec.state_dim
-            for k, a in enumerate(comps):
-                parts[a] = Jo[..., k]
-            parts[r] = Jr
-            return jnp.stack(parts, axis=-1)
+        Args:
+          params: cell parameters.  carry: flax carry ``s_{t-1}``.  state: ``J_{t-1}``.
+          x: ``(B, n_in)``.
+        """
+        n_in = self.tracker.n_in
+        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != n_in:
+            raise ValueError(f"x must have shape (B, {n_in}), got {jnp.shape(x)}")
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"x must be floating point, got {jnp.result_type(x)}")
+        batch = jnp.shape(x)[0]
+        self._check_carry(carry, batch, "carry")
+        self._check_state(state, batch)
+        spec = self.tracker.spec
+        s, new_state, stats = propagate(self, params, spec.to_internal(carry), state, x)
+        return StepResult(spec.from_internal(s), new_state, stats)
 
-        full = jax.tree.map(assemble, influence.other, influence.readout, self._param_shapes(),
-                            is_leaf=lambda t: isinstance(t, tuple))
-        return super().to_dense(full)
-
-    def gradient(self, influence: ActivityInfluence, dloss_dstate: Array) -> PyTree:
-        """Online gradient ``Σ_b (∂L/∂s_t)[b] J_t[b]`` in the parameters' shapes."""
-        spec, m = self.spec, self.spec.state_dim
-        if jnp.ndim(dloss_dstate) != 3 or jnp.shape(dloss_dstate)[1:] != (spec.units, m):
-            raise ValueError(f"dloss_dstate must have shape (B, {spec.units}, {m}), got {jnp.shape(dloss_dstate)}")
-        batch, prec = jnp.shape(dloss_dstate)[0], self.precision
+    def gradient(
+        self, params: PyTree, state: ActivityInfluence, dloss_dcarry: PyTree
+    ) -> tuple[PyTree, ActivityInfluence]:
+        """Online gradient ``Σ_b (∂L/∂s_t)[b] J_t[b]`` in the parameters' shapes, and ``state``
+        unchanged; ``dloss_dcarry`` in the flax carry layout."""
+        del params
+        batch = jnp.shape(state.active)[0] if isinstance(state, ActivityInfluence) else 0
+        self._check_state(state, batch)
+        self._check_carry(dloss_dcarry, batch, "dloss_dcarry")
+        tr = self.tracker
+        spec, m, prec = tr.spec, tr.spec.state_dim, tr.precision
+        dloss_dstate = spec.to_internal(dloss_dcarry)  # (B, U, m)
         dl_other = dloss_dstate[..., self._other_comps]  # (B, U, m-1)
         dl_r = dloss_dstate[..., spec.readout]  # (B, U)
 
@@ -221,222 +282,37 @@ class ActivitySparseTracker(InfluenceTracker):
                 g = g + jnp.einsum("bn,bnm->m", dl_o, Jo, precision=prec)
             return g.reshape(pshape)
 
-        grads = jax.tree.map(contract, influence.other, influence.readout, self._param_shapes(),
-                             is_leaf=lambda t: isinstance(t, tuple))
-        return self._decompress(grads)
+        grads = jax.tree.map(contract, state.other, state.readout, self._param_shapes(), is_leaf=_is_shape)
+        return tr._decompress(grads), state
 
-    # ------------------------------------------------------------------- step
-    def step(self, params: PyTree, state: Array, influence: ActivityInfluence, x: Array):
-        """One exact RTRL step: ``(s_t, J_t)``; see the module docstring."""
-        s, J, _ = self.step_with_stats(params, state, influence, x)
-        return s, J
+    def to_dense(self, state: ActivityInfluence) -> PyTree:
+        """The influence as dense ``(B, *param_shape, units, m)`` per leaf (tests, plots)."""
+        spec = self.tracker.spec
+        r, comps, U = spec.readout, self._other_comps, spec.units
 
-    def step_with_stats(self, params: PyTree, state: Array, influence: ActivityInfluence, x: Array):
-        """Like :meth:`step`, also returning per-step statistics (a dict of scalars):
-        ``alpha`` (mean fraction of units whose read-out influence was nonzero: the columns
-        that enter the product), ``alpha_next`` (the same for ``J_t``), ``max_active`` (max
-        over the batch of both), ``blocks`` (blocks of ``block`` columns computed) and
-        ``capacity`` (columns of the main product per example, ``max(blocks, 1) · block``)."""
-        spec = self.spec
-        m, U, r, Cb = spec.state_dim, spec.units, spec.readout, self.block
-        batch = self._check_step_args(state, influence, x)  # shapes and dtypes; influence via _check_influence
+        def assemble(Jo, Jr, pshape):
+            batch = Jo.shape[0]
+            Jr = jnp.moveaxis(Jr, 1, -1).reshape((batch,) + pshape + (U,))  # (B, *lead, U(i), U(u))
+            Jo = jnp.moveaxis(Jo.reshape((batch, U, len(comps)) + pshape), (1, 2), (-2, -1))
+            parts = [None] * spec.state_dim
+            for k, a in enumerate(comps):
+                parts[a] = Jo[..., k]
+            parts[r] = Jr
+            return jnp.stack(parts, axis=-1)
 
-        Jo_tree, Jr_tree, G_tree, act = influence
-        jac = step_jacobians(spec, params, state, x, self.masks, self.precision)
-        imm = self._immediate(jac)  # leaves (B, L|1, U(i), m)
-        # Read-out rows of J_t that can be nonzero: rows of D_t and I_t not identically zero.
-        new_act = (
-            jnp.any(jac.dphi_pre[:, :, r, :] != 0, axis=-1)
-            | jnp.any(jac.dphi_unit[:, :, r, :] != 0, axis=-1)
-            | jnp.any(jac.dphi_state[:, :, r, :] != 0, axis=-1)
-        )
-        n_old, n_new = act.sum(-1), new_act.sum(-1)  # (B,)
-        nb_old = (n_old.max() + Cb - 1) // Cb
-        nb_new = (n_new.max() + Cb - 1) // Cb
-        Upad = self._padded_units
-        pad = jnp.full((batch, Upad - U), U, jnp.int32)  # out-of-range slots: dropped by scatters
-        # Slots: active units first (stable), then silent units, then padding.
-        idx_old = jnp.concatenate([jnp.argsort(~act, axis=-1, stable=True).astype(jnp.int32), pad], 1)
-        idx_new = jnp.concatenate([jnp.argsort(~new_act, axis=-1, stable=True).astype(jnp.int32), pad], 1)
-
-        prec, patterns, comps = self.precision, self.patterns, self._other_comps
-        md = m - 1
-        pos = {a: k for k, a in enumerate(comps)}
-        state_idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
-        kernels = jnp.stack([masked_kernel(params, spec.projections[j].name, self.masks) for j in state_idx])
-        ds = jac.dphi_state  # (B, U, m, m)
-        pairs_other = [(a, c) for a, c in self.state_pairs if a != r and c != r]
-        pairs_rr = [(a, c) for a, c in self.state_pairs if c == r]
-        groups = self._group_of_leaves(Jo_tree)
-        bidx = jnp.arange(batch)[:, None]
-
-        # ΔD[b, u, a, s] = Σ_p ∂φ_a/∂pre_p[b,u] W_p[v, u] + δ_{u,v} ∂φ_a/∂s_r[b,u],  v = idx_old[b, s]
-        v_old = jnp.minimum(idx_old, U - 1)
-        dd = jnp.einsum("buap,pbsu->buas", jac.dphi_pre[..., state_idx], kernels[:, v_old], precision=prec)
-        if pairs_rr:
-            onehot = (idx_old[:, None, :] == jnp.arange(U)[None, :, None]).astype(dd.dtype)  # (B, U, Upad)
-            for a, _ in pairs_rr:
-                dd = dd.at[:, :, a, :].add(onehot * ds[:, :, a, r][:, :, None])
-        # other components, columns ordered (u, a): (B, Upad(slot), U·md)
-        dd_other = dd[:, :, comps, :].transpose(0, 3, 1, 2).reshape(batch, Upad, U * md)
-        # read-out rows of the new active units: (B, Upad(new slot), Upad(old slot))
-        dd_rows = jnp.take_along_axis(dd[:, :, r, :], jnp.minimum(idx_new, U - 1)[:, :, None], axis=1)
-        keep_new = jnp.take_along_axis(jnp.pad(new_act, ((0, 0), (0, Upad - U))), idx_new.clip(0, Upad - 1), 1)
-        keep_new = keep_new & (idx_new < U)
-
-        def valid_old(k):  # (B, Cb): slot k·Cb + c holds an active unit of t-1
-            return (k * Cb + jnp.arange(Cb))[None, :] < n_old[:, None]
-
-        # Every buffer is updated in place by a while loop; the order below (read the old rows,
-        # write the new rows, zero the stale rows, update the other components) is one XLA can
-        # run without copying a buffer (a reshape of a loop carry, or a scatter after a read in
-        # the same loop, would make it copy the whole buffer every step).
-        # 1. copy the active read-out rows of J_{t-1} into the work buffer, in slot order.
-        def copy_block(k, G_t):
-            sl = lax.dynamic_slice(idx_old, (0, k * Cb), (batch, Cb))
-
-            def per_leaf(Jr, G):
-                rows = Jr.at[bidx, sl].get(mode="fill", fill_value=0)
-                return lax.dynamic_update_slice(G, rows, (0, k * Cb, 0))
-
-            return jax.tree.map(per_leaf, Jr_tree, G_t)
-
-        G_tree = lax.fori_loop(0, nb_old, copy_block, G_tree)
-
-        # 1b. copy the old other-component columns that the new read-out rows read within their
-        #     unit (∂φ_r/∂s_c ≠ 0, c ≠ r) into the work buffer, behind the read-out rows.
-        from_other = self._readout_from_other
-        if from_other:
-
-            def copy_cols(j, G_t):
-                u_j = jnp.minimum(lax.dynamic_slice(idx_new, (0, j * Cb), (batch, Cb)), U - 1)
-
-                def per_leaf(Jo, G):
-                    for q, c in enumerate(from_other):
-                        rows = Jo.at[bidx, u_j * md + pos[c]].get(mode="clip")  # (B, Cb, M): block gather
-                        G = lax.dynamic_update_slice(G, rows, (0, (q + 1) * Upad + j * Cb, 0))
-                    return G
-
-                return jax.tree.map(per_leaf, Jo_tree, G_t)
-
-            G_tree = lax.fori_loop(0, nb_new, copy_cols, G_tree)
-
-        def g_block(G, k):  # (B, Cb, M): old read-out rows of slots k·Cb…, exactly 0 where invalid
-            blk = lax.dynamic_slice_in_dim(G, k * Cb, Cb, axis=1)
-            return jnp.where(valid_old(k)[:, :, None], blk, 0)
-
-        # 2. read-out rows of the units active at t, a block of Cb new slots at a time.
-        def rows_block(j, Jr_t):
-            sl = lax.dynamic_slice(idx_new, (0, j * Cb), (batch, Cb))
-            keep = lax.dynamic_slice(keep_new, (0, j * Cb), (batch, Cb))
-            ddr_j = lax.dynamic_slice_in_dim(dd_rows, j * Cb, Cb, axis=1)  # (B, Cb(new), Upad(old))
-            u_j = jnp.minimum(sl, U - 1)
-
-            def per_leaf(Jr, G, ic, group):
-                dt = Jr.dtype
-                M = Jr.shape[2]
-                L = M // U
-
-                def acc_k(k, acc):
-                    d_k = lax.dynamic_slice_in_dim(ddr_j, k * Cb, Cb, axis=2).astype(dt)  # (B, Cb, Cb)
-                    return acc + jnp.einsum("bcm,bdc->bdm", g_block(G, k), d_k, precision=prec)
-
-                rows = lax.fori_loop(0, nb_old, acc_k, jnp.zeros((batch, Cb, M), dt))
-                rows = rows.reshape(batch, Cb, L, U)
-                ic = ic.astype(dt)
-                hit = (sl[:, :, None] == jnp.arange(U)[None, None, :]).astype(dt)  # (B, Cb, U(i))
-                rows = rows + hit[:, :, None, :] * ic[..., r][:, None, :, :]
-                for q, c in enumerate(from_other):  # within-unit term from the old other components
-                    ds_g = jnp.take_along_axis(ds[:, :, r, c], u_j, axis=1).astype(dt)  # (B, Cb)
-                    Jo_c = lax.dynamic_slice_in_dim(G, (q + 1) * Upad + j * Cb, Cb, axis=1)  # (B, Cb, M)
-                    rows = rows + ds_g[:, :, None, None] * Jo_c.reshape(batch, Cb, L, U)
-                if patterns is not None:
-                    pr = jnp.asarray(patterns[group][:, :, r].T, dt)[u_j]  # (B, Cb, U(i))
-                    rows = rows * pr[:, :, None, :]
-                rows = jnp.where(keep[:, :, None, None], rows, 0).reshape(batch, Cb, M)
-                return Jr.at[bidx, sl].set(rows, mode="drop", unique_indices=True)
-
-            return jax.tree.map(per_leaf, Jr_t, G_tree, imm, groups)
-
-        Jr_tree = lax.fori_loop(0, nb_new, rows_block, Jr_tree)
-
-        # 3. zero the rows of units active at t-1 but not at t (dropped: units active at t).
-        stale = jnp.where(jnp.take_along_axis(jnp.pad(new_act, ((0, 0), (0, 1))), idx_old, 1), U, idx_old)
-
-        def zero_block(k, Jr_t):
-            sl = lax.dynamic_slice(stale, (0, k * Cb), (batch, Cb))
-            return jax.tree.map(lambda Jr: Jr.at[bidx, sl].set(0, mode="drop", unique_indices=True), Jr_t)
-
-        Jr_tree = lax.fori_loop(0, nb_old, zero_block, Jr_tree)
-
-        # 4. other components: J_o ← (Σ_{slots < C} G ΔD) + (within-unit term) + I.  The product
-        #    takes the old rows in one matmul with K = C = the smallest multiple of `block`
-        #    covering the active rows (``lax.switch`` over the static ladder of K); its output is a
-        #    temporary, so the elementwise update of the carried buffer stays in place — one pass
-        #    over `other` per step whatever the activity.
-        if md > 0:
-            ds_oo = jnp.zeros((batch, U, md, md), ds.dtype)
-            for a2, c in pairs_other:
-                ds_oo = ds_oo.at[:, :, pos[a2], pos[c]].set(ds[:, :, a2, c])
-            ladder = tuple(range(Cb, Upad + 1, Cb))
-
-            def product(C):
-                def run(G_t):
-                    valid = (jnp.arange(C)[None, :] < n_old[:, None])[:, :, None]  # (B, C, 1)
-                    d = dd_other[:, :C]  # (B, C, U·md)
-                    return jax.tree.map(
-                        lambda G: jnp.einsum(
-                            "bcm,bcn->bnm", jnp.where(valid, G[:, :C], 0), d.astype(G.dtype), precision=prec
-                        ),
-                        G_t,
-                    )
-
-                return run
-
-            which = jnp.clip(nb_old - 1, 0, len(ladder) - 1)
-            prods = lax.switch(which, [product(C) for C in ladder], G_tree)
-
-            def per_leaf(Jo, P, ic, group):  # Jo, P: (B, U·md, M), unit-major
-                dt = Jo.dtype
-                M = Jo.shape[2]
-                L = M // U
-                if md == 1:
-                    within = ds_oo.reshape(batch, U, 1).astype(dt) * Jo
-                else:
-                    within = jnp.einsum(
-                        "buac,bucm->buam", ds_oo.astype(dt), Jo.reshape(batch, U, md, M), precision=prec
-                    ).reshape(batch, U * md, M)
-                eye = jnp.eye(U, dtype=dt)  # I on the diagonal u = i
-                ic_o = jnp.moveaxis(ic.astype(dt)[..., comps], -1, 1)  # (B, md, L|1, U(i))
-                imm_o = eye[None, :, None, None, :] * ic_o[:, None]  # (B, U(u), md, L|1, U(i))
-                imm_o = jnp.broadcast_to(imm_o, (batch, U, md, L, U)).reshape(batch, U * md, M)
-                new = P + within + imm_o
-                if patterns is not None:
-                    pat = np.asarray(patterns[group][..., comps], bool).transpose(1, 2, 0)  # (U(u), md, U(i))
-                    pat = jnp.broadcast_to(jnp.asarray(pat, dt)[:, :, None, :], (U, md, L, U))
-                    new = new * pat.reshape(1, U * md, M)
-                return new
-
-            Jo_tree = jax.tree.map(per_leaf, Jo_tree, prods, imm, groups)
-
-        stats = {
-            "alpha": n_old.mean() / U,
-            "alpha_next": n_new.mean() / U,
-            "max_active": jnp.maximum(n_old.max(), n_new.max()),
-            "blocks": nb_old,
-            "capacity": jnp.maximum(nb_old, 1) * Cb,  # the product always runs (K >= block)
-        }
-        return jac.new_state, ActivityInfluence(Jo_tree, Jr_tree, G_tree, new_act), stats
+        full = jax.tree.map(assemble, state.other, state.readout, self._param_shapes(), is_leaf=_is_shape)
+        return self.tracker.to_dense(full)
 
     # ------------------------------------------------------------- accounting
     def parameter_density(self) -> float:
         """Unmasked parameters / dense parameter count."""
-        spec = self.spec
+        tr = self.tracker
+        spec = tr.spec
         dense = kept = 0
         for p in spec.projections:
-            n_in = self.kernels[p.name].n_in
+            n_in = tr.kernels[p.name].n_in
             dense += n_in * spec.units
-            mk = self.masks.get(p.name)
+            mk = tr.masks.get(p.name)
             kept += n_in * spec.units if mk is None else int(np.asarray(mk).sum())
             if p.use_bias:
                 dense += spec.units
@@ -446,12 +322,12 @@ class ActivitySparseTracker(InfluenceTracker):
         return kept / dense
 
 
-def step_cost(tracker: InfluenceTracker, batch_size: int, capacity: Any, itemsize: int = 4) -> dict:
+def step_cost(method: ActivitySparseRTRL, batch_size: int, capacity: Any, itemsize: int = 4) -> dict:
     """FLOPs and memory of one propagation step (per batch), as plain numbers.
 
     Args:
-      tracker: an :class:`ActivitySparseTracker` (or a dense-layout :class:`InfluenceTracker`).
-      batch_size: B.  capacity: units computed per example this step (``stats['capacity']``;
+      method: an :class:`ActivitySparseRTRL`.
+      batch_size: B.  capacity: units computed per example this step (``aux['capacity']``;
         may be an array of per-step values — the result then holds arrays).
       itemsize: bytes per influence float.
     Returns:
@@ -459,13 +335,20 @@ def step_cost(tracker: InfluenceTracker, batch_size: int, capacity: Any, itemsiz
       terms), ``flops_dense`` (the library's dense RTRL step: the full ``(U m)×(U m)``
       product), ``flops_dense_structured`` (the activity-sparse step at capacity ``U``, i.e.
       exploiting only that ``D`` is off-diagonal in the read-out column),
-      ``influence_bytes`` (stored, = dense RTRL's), ``scratch_bytes`` (the activity-sparse
-      tracker's work buffer, 0 otherwise), ``readout_bytes_touched`` (read-out rows read +
-      written at that capacity) and ``density``.
+      ``influence_bytes`` (stored influence, = dense RTRL's), ``scratch_bytes`` (the work
+      buffer; ``influence_bytes + scratch_bytes = num_stored()·B·itemsize``),
+      ``readout_bytes_touched`` (read-out rows read + written at that capacity) and ``density``.
+
+    Raises:
+      ValueError: ``method`` is not an :class:`ActivitySparseRTRL`.
     """
+    if not isinstance(method, ActivitySparseRTRL):
+        raise ValueError(f"step_cost needs an ActivitySparseRTRL (online_method('activity', ...)), "
+                         f"got {type(method).__name__}")
+    tracker = method.tracker
     spec = tracker.spec
     U, m = spec.units, spec.state_dim
-    shapes = jax.tree.leaves(tracker.leaf_shapes(1), is_leaf=lambda t: isinstance(t, tuple))
+    shapes = jax.tree.leaves(tracker.leaf_shapes(1), is_leaf=_is_shape)
     M = sum(math.prod(s[1:-3]) for s in shapes) * U  # stored parameter entries (rows × columns)
     B = batch_size
     n_state = sum(p.source == "state" for p in spec.projections)
@@ -478,10 +361,7 @@ def step_cost(tracker: InfluenceTracker, batch_size: int, capacity: Any, itemsiz
 
     C = np.asarray(capacity, np.float64)
     dense = 2.0 * B * M * (U * m) * (U * m) + B * M * U * m
-    density = tracker.parameter_density() if hasattr(tracker, "parameter_density") else 1.0
-    scratch = 0
-    if isinstance(tracker, ActivitySparseTracker):
-        scratch = sum(math.prod(s) for s in jax.tree.leaves(tracker._split_shapes(B)[2], is_leaf=lambda t: isinstance(t, tuple)))
+    scratch = sum(math.prod(s) for s in jax.tree.leaves(method._split_shapes(B)[2], is_leaf=_is_shape))
     return {
         "flops": sparse(C),
         "flops_dense": dense,
@@ -489,7 +369,7 @@ def step_cost(tracker: InfluenceTracker, batch_size: int, capacity: Any, itemsiz
         "influence_bytes": tracker.num_stored() * B * itemsize,
         "scratch_bytes": scratch * itemsize,
         "readout_bytes_touched": 3.0 * B * M * C * itemsize,
-        "density": density,
+        "density": method.parameter_density(),
     }
 
 
@@ -505,38 +385,50 @@ def _block_size(units: int, block: int | float) -> int:
     return max(1, int(math.ceil(float(block) * units)))
 
 
-def activity_sparse_tracker(
+DEFAULT_BLOCK = 0.125
+
+
+def activity_method(
     cell: Any,
     params: PyTree,
-    method: str = "rtrl",
-    n: int | None = None,
     *,
     masks: Mapping[str, Any] | None = None,
-    block: int | float = 0.125,
+    block: int | float | None = None,
     precision: Any = None,
-) -> ActivitySparseTracker:
-    """Exact RTRL (or dense-layout SnAp-n) that skips silent units; see module docstring.
+    n: int | None = None,
+) -> ActivitySparseRTRL:
+    """Exact RTRL (``n=None``) or dense-layout SnAp-n that skips silent units; see the module
+    docstring.  ``snapjax.online_method("activity", ...)`` calls this.
 
     Args:
-      cell, params, method, n, masks, precision: as :func:`snapjax.influence_tracker`;
-        the method must use the dense layout (``"rtrl"``, or SnAp-n whose reach is all units).
+      cell: a :class:`snapjax.Recurrent` with a compressed form (or anything
+        :func:`snapjax.recurrent.as_recurrent` turns into one).
+      params: the cell's parameters (only shapes and dtypes are read).
+      masks, precision: as :func:`snapjax.online_method`.
       block: active units are processed in blocks of this many (an int) or of
-        ``ceil(block·units)`` (a float in (0, 1]); the per-step cost grows with
-        ``ceil(active/block)``, and the number of compiled product sizes with
-        ``ceil(units/block)``.  Any number of active units is handled exactly.
+        ``ceil(block·units)`` (a float in (0, 1]); ``None``: ``DEFAULT_BLOCK`` (1/8 of the
+        units).  The per-step cost grows with ``ceil(active/block)``, and the number of
+        compiled product sizes with ``ceil(units/block)``.  Any number of active units is
+        handled exactly.
+      n: SnAp order; the method must then use the dense layout (a neighbour table that is
+        full, or more than half full — SnAp-1 never is).
 
     Raises:
-      ValueError: as :func:`snapjax.influence_tracker`, for a bad ``block``, or if the method's
-        layout is not dense.
+      ValueError: a cell without a compressed form, as :func:`snapjax.online_method` for
+        ``masks``/``params``, a bad ``block``, or a SnAp-n whose layout is not dense.
     """
-    base = influence_tracker(cell, params, method, n, masks=masks, precision=precision)
+    rec = as_recurrent(cell)
+    if rec.spec is None:
+        raise ValueError(f"{rec.name}: activity-sparse RTRL needs a cell with a compressed form (CellSpec)")
+    spec = rec.spec
+    kind = "rtrl" if n is None else "snap"
+    base = influence_tracker(spec, params, kind, n, masks=masks, precision=precision)
     if base.layout != "dense":
         raise ValueError(
-            f"activity-sparse propagation needs the dense influence layout (exact RTRL); method "
-            f"{method!r} uses the {base.layout!r} layout — use snapjax.influence_tracker for it"
+            f"activity-sparse propagation needs the dense influence layout (exact RTRL); SnAp-{n} "
+            f"uses the {base.layout!r} layout here — use snapjax.online_method('snap{n}', ...) for it"
         )
-    spec = as_cell_spec(cell)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(InfluenceTracker)}
     _, _, state_pat = derivative_patterns(spec, probes=32)
     pairs = tuple((int(a), int(c)) for a, c in zip(*np.nonzero(state_pat)))
-    return ActivitySparseTracker(**fields, block=_block_size(spec.units, block), state_pairs=pairs)
+    size = _block_size(spec.units, DEFAULT_BLOCK if block is None else block)
+    return ActivitySparseRTRL(rec, base, size, pairs, "activity" if n is None else f"activity-snap{n}")

@@ -1,20 +1,51 @@
-"""Checkpoint and resume of the full online state (bit-exact).
+"""Checkpoint and resume of the full online state (bit-exact, integrity-checked, atomic).
 
-``save_state(path, state)`` writes any pytree of arrays (an :class:`snapjax.online.OnlineState`:
-parameters, optimizer state, influence, hidden state, accumulators, counters and the PRNG key)
-with ``flax.serialization`` msgpack: array bytes are stored verbatim, so a run stopped, saved,
-restored and continued is bit-identical to an uninterrupted run.  ``restore_state(path,
-like_state)`` needs a template with the same structure (e.g. ``learner.init(...)`` with the
-same configuration); shapes and dtypes are checked.
+``save_state(path, state)`` writes any pytree of arrays (e.g. a learner's state: parameters,
+optimizer state, method states, carries, counters and the PRNG key).  Array bytes are stored
+verbatim (``flax.serialization`` msgpack), so a run stopped, saved, restored and continued is
+bit-identical to an uninterrupted run.  ``restore_state(path, like_state)`` needs a template
+with the same structure: a real state (e.g. ``learner.init(...)`` with the same configuration)
+or an abstract one from ``jax.eval_shape`` (leaves :class:`jax.ShapeDtypeStruct`, nothing is
+computed); shapes and dtypes are checked.
+
+File format (version 1): a 52-byte header followed by the msgpack payload::
+
+    offset  size  field
+    0       8     magic  b"SNAPJXCK"
+    8       4     format version (uint32, little endian) = 1
+    12      8     payload length in bytes (uint64, little endian)
+    20      32    SHA-256 of the payload
+    52      ...   payload
+
+On restore the length and the SHA-256 are checked before anything is decoded: a short file
+raises ``ValueError("... truncated ...")``, any flipped bit ``ValueError("... corrupted ...")``
+(both name the path).  Writes are atomic: a temporary file in the same directory is written,
+``fsync``-ed and renamed over ``path`` (``os.replace``), so a crash leaves either the old or the
+new checkpoint, never a partial one; the final file gets the mode ``0o666 & ~umask`` like any
+file the process creates.
 
 Typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and re-wrapped with
-the template's key implementation.  Sharded states are gathered to the host on save; restore
-places each leaf with the template leaf's sharding.
+the template's key implementation (read from the key dtype, so abstract templates work too).
+Sharded states are gathered to the host on save; restore places each leaf with the template
+leaf's sharding when it has one.
+
+Example::
+
+    >>> import tempfile, os, jax, jax.numpy as jnp
+    >>> from snapjax.checkpoint import save_state, restore_state
+    >>> state = {"w": jnp.arange(3.0), "key": jax.random.key(0)}
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.bin")
+    >>> save_state(path, state)
+    >>> back = restore_state(path, jax.eval_shape(lambda: state))
+    >>> bool((back["w"] == state["w"]).all()), back["key"].dtype == state["key"].dtype
+    (True, True)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import tempfile
 from typing import Any
 
@@ -27,9 +58,26 @@ PyTree = Any
 
 __all__ = ["save_state", "restore_state", "state_to_bytes", "state_from_bytes"]
 
+MAGIC = b"SNAPJXCK"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")  # magic, version, payload length, sha256(payload)
+
 
 def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(dtype) -> Any:
+    """The PRNG implementation of a key dtype (public API only: ``key_impl`` of a traced key)."""
+    found = []
+
+    def probe(k):
+        found.append(jax.random.key_impl(k))
+        return k
+
+    jax.eval_shape(probe, jax.ShapeDtypeStruct((), dtype))
+    return found[0]
 
 
 def _to_host(tree: PyTree) -> PyTree:
@@ -41,38 +89,130 @@ def _to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(conv, tree)
 
 
+def _raw_spec(like) -> jax.ShapeDtypeStruct:
+    """Shape and dtype as stored: a key leaf is stored as its ``key_data`` (uint32)."""
+    if _is_key(like):
+        return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(like.shape, like.dtype))
+    if not hasattr(like, "shape") or not hasattr(like, "dtype"):
+        like = np.asarray(like)
+    return jax.ShapeDtypeStruct(tuple(like.shape), np.dtype(like.dtype))
+
+
+def _frame(payload: bytes) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def _unframe(data: bytes, source: str) -> bytes:
+    """Check the header, length and SHA-256 of a checkpoint; return the payload."""
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        if MAGIC.startswith(data[: len(MAGIC)]):
+            raise ValueError(
+                f"checkpoint {source} is truncated: {len(data)} bytes, shorter than the "
+                f"{_HEADER.size}-byte header"
+            )
+        raise ValueError(f"{source} is not a snapjax checkpoint (no {MAGIC!r} header); corrupted or another file")
+    magic, version, length, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(
+            f"{source} is not a snapjax checkpoint: header starts with {magic!r}, expected {MAGIC!r} "
+            "(corrupted, another file, or a checkpoint written before format version 1)"
+        )
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {source} has format version {version}; this snapjax reads version {FORMAT_VERSION} "
+            "(corrupted header or a newer snapjax)"
+        )
+    payload = data[_HEADER.size :]
+    if len(payload) < length:
+        raise ValueError(
+            f"checkpoint {source} is truncated: the header announces {length} payload bytes, "
+            f"only {len(payload)} are present"
+        )
+    if len(payload) > length:
+        raise ValueError(
+            f"checkpoint {source} is corrupted: {len(payload) - length} bytes follow the "
+            f"{length}-byte payload announced by the header"
+        )
+    got = hashlib.sha256(payload).digest()
+    if got != digest:
+        raise ValueError(
+            f"checkpoint {source} is corrupted: SHA-256 of the payload is {got.hex()}, "
+            f"the header records {digest.hex()}"
+        )
+    return payload
+
+
 def state_to_bytes(state: PyTree) -> bytes:
-    """Serialize ``state`` (msgpack; exact array bytes)."""
-    return serialization.msgpack_serialize(serialization.to_state_dict(_to_host(state)))
+    """Serialize ``state``: header (magic, version, length, SHA-256) + msgpack of the exact
+    array bytes.  Typed keys are stored as ``key_data``."""
+    payload = serialization.msgpack_serialize(serialization.to_state_dict(_to_host(state)))
+    return _frame(payload)
 
 
-def state_from_bytes(data: bytes, like_state: PyTree) -> PyTree:
-    """Inverse of :func:`state_to_bytes` given a template ``like_state`` of the same structure."""
-    template = _to_host(like_state)
-    raw = serialization.msgpack_restore(data)
-    restored = serialization.from_state_dict(template, raw)
-    t_leaves, treedef = jax.tree.flatten(template)
+def state_from_bytes(data: bytes, like_state: PyTree, *, source: str = "<bytes>") -> PyTree:
+    """Inverse of :func:`state_to_bytes` given a template ``like_state`` of the same structure.
+
+    Args:
+      data: bytes from :func:`state_to_bytes` (the content of a checkpoint file).
+      like_state: a state of the same structure, or its ``jax.eval_shape`` (abstract leaves);
+        gives shapes, dtypes, key implementations and shardings.
+      source: name used in error messages (the path, for :func:`restore_state`).
+
+    Raises:
+      ValueError: truncated or corrupted data, or a checkpoint that does not match the
+        template's structure, shapes or dtypes.
+    """
+    payload = _unframe(data, source)
+    like_leaves, treedef = jax.tree.flatten(like_state)
+    raw_specs = [_raw_spec(x) for x in like_leaves]
+    template = jax.tree.unflatten(treedef, raw_specs)
+    try:
+        raw = serialization.msgpack_restore(payload)
+        restored = serialization.from_state_dict(template, raw)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"checkpoint {source} does not match the template's structure: {e}") from e
     r_leaves = jax.tree.leaves(restored)
-    like_leaves = jax.tree.leaves(like_state)
-    if len(r_leaves) != len(t_leaves):
-        raise ValueError("checkpoint does not match the template's structure")
+    if len(r_leaves) != len(raw_specs):
+        raise ValueError(
+            f"checkpoint {source} does not match the template's structure: "
+            f"{len(r_leaves)} leaves stored, template has {len(raw_specs)}"
+        )
     out = []
-    for r, t, like in zip(r_leaves, t_leaves, like_leaves):
+    for i, (r, spec, like) in enumerate(zip(r_leaves, raw_specs, like_leaves)):
         r = np.asarray(r)
-        if r.shape != t.shape or r.dtype != t.dtype:
-            raise ValueError(f"checkpoint leaf {r.shape}/{r.dtype} does not match template {t.shape}/{t.dtype}")
+        if r.shape != spec.shape or r.dtype != spec.dtype:
+            raise ValueError(
+                f"checkpoint {source}: leaf {i} is {r.shape}/{r.dtype}, the template expects {spec.shape}/{spec.dtype}"
+            )
         sharding = getattr(like, "sharding", None)
-        arr = jax.device_put(r, sharding) if sharding is not None and not _is_key(like) else jnp.asarray(r)
         if _is_key(like):
-            arr = jax.random.wrap_key_data(arr, impl=jax.random.key_impl(like))
-            if sharding is not None:
-                arr = jax.device_put(arr, sharding)
+            arr = jax.random.wrap_key_data(jnp.asarray(r), impl=_key_impl(like.dtype))
+        else:
+            arr = jnp.asarray(r)
+        if sharding is not None:
+            arr = jax.device_put(arr, sharding)
         out.append(arr)
     return jax.tree.unflatten(treedef, out)
 
 
+def _umask() -> int:
+    """The process umask (read from /proc on Linux; else set and restore it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_state(path: str | os.PathLike, state: PyTree) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file + rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file in the same directory, ``fsync``,
+    ``os.replace``); the file gets mode ``0o666 & ~umask``.  Parent directories are created."""
     path = os.fspath(path)
     data = state_to_bytes(state)
     d = os.path.dirname(os.path.abspath(path))
@@ -82,16 +222,33 @@ def save_state(path: str | os.PathLike, state: PyTree) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp creates 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename durable (best effort: not every platform can fsync a directory)
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def restore_state(path: str | os.PathLike, like_state: PyTree) -> PyTree:
-    """Read a state written by :func:`save_state`; ``like_state`` gives structure, dtypes,
-    key implementations and shardings."""
-    with open(os.fspath(path), "rb") as f:
-        return state_from_bytes(f.read(), like_state)
+    """Read a state written by :func:`save_state`.
+
+    ``like_state`` (a state or its ``jax.eval_shape``) gives structure, dtypes, key
+    implementations and shardings.  Raises ``ValueError`` naming ``path`` if the file is
+    truncated, corrupted or does not match the template; ``FileNotFoundError`` if it is absent.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return state_from_bytes(data, like_state, source=path)

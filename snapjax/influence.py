@@ -143,7 +143,11 @@ class InfluenceTracker:
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> PyTree:
         """Zero influence ``J_0`` for ``batch_size`` examples (``key`` is unused: RTRL/SnAp
-        are deterministic; it is accepted so that every online method shares one protocol)."""
+        are deterministic; it is accepted so that every online method shares one protocol).
+
+        ``dtype`` is the *storage* dtype: ``jnp.bfloat16`` / ``jnp.float16`` halve the influence
+        memory and traffic, while :meth:`step` and :meth:`gradient` still compute in the state /
+        cotangent dtype (the influence is upcast, updated, and rounded once per step)."""
         del key
         self._check_init_args(batch_size, dtype)
         return jax.tree.map(
@@ -262,11 +266,15 @@ class InfluenceTracker:
             shape = J.shape
             lead = shape[1:-3]
             L = math.prod(lead)
-            Jf = J.reshape(batch, L, spec.units, shape[-2], m)
-            Jn = propagate(Jf, ic.astype(J.dtype))
+            # Arithmetic in the wider of the storage and the state dtype: a bfloat16/float16
+            # influence is upcast, propagated, and rounded once when stored (no-op casts when
+            # the dtypes agree, so float32/float64 influences compute exactly as before).
+            cdt = jnp.promote_types(J.dtype, ic.dtype)
+            Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
+            Jn = propagate(Jf, ic.astype(cdt))
             if self.patterns is not None:
                 Jn = Jn * jnp.asarray(self.patterns[group], Jn.dtype)
-            return Jn.reshape(shape)
+            return Jn.reshape(shape).astype(J.dtype)
 
         new = jax.tree.map(update, influence, imm, groups)
         return jac.new_state, new
@@ -349,8 +357,9 @@ class InfluenceTracker:
         def contract(J):
             shape = J.shape
             L = math.prod(shape[1:-3])
-            Jf = J.reshape(batch, L, spec.units, shape[-2], m)
-            dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(J.dtype)
+            cdt = jnp.promote_types(J.dtype, jnp.result_type(dloss_dstate))  # upcast a 16-bit J
+            Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
+            dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(cdt)
             if shape[-2] * m == 1:  # SnAp-1 of a one-component cell: drop the unit axes
                 g = jnp.einsum("bi,bli->li", dlb[..., 0, 0], Jf[..., 0, 0], precision=prec)
             else:

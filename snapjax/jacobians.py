@@ -96,8 +96,10 @@ def dense_dynamics(spec: CellSpec, params: Any, jac: StepJacobians, masks: Any =
     ``D[b, u, a, v, c] = ∂s'_{u,a} / ∂s_{v,c}``.  Used by exact RTRL.
     """
     idx = [i for i, p in enumerate(spec.projections) if p.source == "state"]
+    eye = jnp.eye(spec.units, dtype=jac.dphi_state.dtype)
+    if not idx:  # no recurrent projection (e.g. the LRU): D is block-diagonal per unit
+        return jnp.einsum("buac,uv->buavc", jac.dphi_state, eye)
     kernels = jnp.stack([masked_kernel(params, spec.projections[i].name, masks) for i in idx])  # (Ps, v, u)
     off = jnp.einsum("buap,pvu->buav", jac.dphi_pre[..., idx], kernels)
     d = jnp.zeros(off.shape + (spec.state_dim,), off.dtype).at[..., spec.readout].set(off)
-    eye = jnp.eye(spec.units, dtype=off.dtype)
     return d + jnp.einsum("buac,uv->buavc", jac.dphi_state, eye)

@@ -1,17 +1,38 @@
 """Static SnAp-n sparsity patterns and compressed parameter layouts (NumPy, built once).
 
-Recurrent graph: an edge ``v → u`` exists when some recurrent kernel ``W_p[v, u]`` is not
-masked out (flax layout: row ``v`` reads ``h_v``, column ``u`` writes unit ``u``), i.e. when
-``D[u, v]`` can be nonzero.  A parameter in column ``i`` (it writes only unit ``i`` in one
-step) can influence, within ``n`` steps, the units reachable from ``i`` in at most ``n - 1``
-edges.  These are stored as a padded neighbour table ``nbr[i, slot]`` with ``i`` itself in
-slot 0 and ``valid[i, slot]`` marking real entries; ``K = max_i |reach_n(i)|``.
+Structural zeros.  A pre-activation ``a_{p,u} = v_p (W_p ⊙ M_p)[:, u] + b_p[u]`` is
+identically zero when column ``u`` of the mask ``M_p`` is fully masked and ``p`` has no bias
+(for input and recurrent projections alike).  Every product with it then vanishes too (GRU:
+``r ⊙ a_hn``; EGRU: ``r ⊙ a_hz``), so the reset-gate derivative ``∂φ_u/∂a_{hr,u}`` is 0 at
+every point.  The unit-wise derivatives are therefore probed per unit with those
+pre-activations held at exactly 0 (:func:`unit_derivative_patterns`), and every pattern below
+is built from where ``D`` and ``I`` can actually be nonzero, not from where a kernel entry is
+unmasked.
 
-Component level: for cells with several state components per unit (LSTM's ``(c, h)``) the
-exact SnAp-n pattern can be finer than whole units (e.g. the output-gate parameters do not
-reach ``c_i`` in one step).  :func:`component_patterns` computes the exact boolean
-``M_n`` by iterating ``M_{j+1} = M_j ∪ pattern(D) M_j`` from ``M_1 = pattern(I)``, using the
-structural zero pattern of the unit-wise derivatives (probed at random points).
+Recurrent graph: an edge ``v → u`` exists when ``D[u, v]`` can be nonzero, i.e. when some
+recurrent kernel ``W_p[v, u]`` is unmasked (flax layout: row ``v`` reads ``h_v``, column ``u``
+writes unit ``u``) *and* ``∂φ_u/∂a_{p,u}`` is not structurally zero.  A parameter in column
+``i`` (it writes only unit ``i`` in one step) can influence, within ``n`` steps, the units
+reachable from ``i`` in at most ``n - 1`` edges.  These are stored as a padded neighbour table
+``nbr[i, slot]`` with ``i`` itself in slot 0 and ``valid[i, slot]`` marking real entries;
+``K = max_i |reach_n(i)|``.
+
+Component level: the exact SnAp-n pattern can be finer than whole units (LSTM's ``(c, h)``:
+the output-gate parameters do not reach ``c_i`` in one step; a dead reset-gate column reaches
+nothing).  :func:`component_patterns` computes the exact boolean ``M_n`` per parameter group
+by iterating ``M_{j+1} = M_j ∪ pattern(D) M_j`` from ``M_1 = pattern(I)``, using the
+structural zero pattern of the unit-wise derivatives.
+
+Example::
+
+    >>> import numpy as np, snapjax as sj
+    >>> from snapjax.patterns import recurrent_adjacency, zero_preactivations
+    >>> spec = sj.gru_spec(3)
+    >>> masks = {"hn": np.ones((3, 3), bool)}
+    >>> bool(zero_preactivations(spec, masks).any())   # hn has a bias: never identically 0
+    False
+    >>> bool(recurrent_adjacency(spec, masks).all())
+    True
 """
 
 from __future__ import annotations
@@ -25,7 +46,17 @@ import numpy as np
 
 from snapjax.cells import CellSpec
 
-__all__ = ["NeighbourTable", "KernelLayout", "neighbour_table", "kernel_layout", "recurrent_adjacency"]
+__all__ = [
+    "NeighbourTable",
+    "KernelLayout",
+    "neighbour_table",
+    "kernel_layout",
+    "recurrent_adjacency",
+    "zero_preactivations",
+    "derivative_patterns",
+    "unit_derivative_patterns",
+    "component_patterns",
+]
 
 
 class NeighbourTable(NamedTuple):
@@ -76,14 +107,35 @@ def kernel_layout(mask: np.ndarray | None, n_in: int) -> KernelLayout:
     return KernelLayout(rows, valid, n_in)
 
 
+def zero_preactivations(spec: CellSpec, masks: Mapping[str, Any] | None) -> np.ndarray:
+    """Boolean ``(units, P)``: ``z[u, j]`` when ``a_{p_j, u}`` is identically zero.
+
+    That is the case when projection ``p_j`` has no bias and column ``u`` of its mask is fully
+    masked (``v_p (W_p ⊙ M_p)[:, u] = 0`` for every input); ``P`` follows ``spec.projections``.
+    """
+    z = np.zeros((spec.units, len(spec.projections)), bool)
+    for j, p in enumerate(spec.projections):
+        m = None if masks is None else masks.get(p.name)
+        if p.use_bias or m is None:
+            continue
+        z[:, j] = ~(np.asarray(m) != 0).any(axis=0)
+    return z
+
+
 def recurrent_adjacency(spec: CellSpec, masks: Mapping[str, Any] | None) -> np.ndarray:
-    """Boolean ``(units, units)``: ``adj[v, u]`` when unit ``v`` feeds unit ``u`` in one step."""
+    """Boolean ``(units, units)``: ``adj[v, u]`` when unit ``v`` feeds unit ``u`` in one step.
+
+    ``adj[v, u] = ∨_{p recurrent} M_p[v, u] ∧ (∂φ_u/∂a_{p,u} not structurally 0)``, i.e. exactly
+    where ``D[u, v]`` can be nonzero (see the module docstring).
+    """
+    pre_pat = unit_derivative_patterns(spec, masks)[0]  # (units, m, P)
     adj = np.zeros((spec.units, spec.units), bool)
-    for p in spec.projections:
+    for j, p in enumerate(spec.projections):
         if p.source != "state":
             continue
         m = None if masks is None else masks.get(p.name)
-        adj |= np.ones_like(adj) if m is None else (np.asarray(m) != 0)
+        unmasked = np.ones_like(adj) if m is None else (np.asarray(m) != 0)
+        adj |= unmasked & pre_pat[:, :, j].any(axis=1)[None, :]
     return adj
 
 
@@ -112,14 +164,9 @@ def neighbour_table(spec: CellSpec, masks: Mapping[str, Any] | None, n: int) -> 
 
 
 @functools.lru_cache(maxsize=64)
-def derivative_patterns(spec: CellSpec, probes: int = 64, seed: int = 0):
-    """Structural nonzero pattern of φ's derivatives, OR-ed over random probe points.
-
-    φ acts unit by unit, so it is probed on single units at ``probes`` random points (one
-    jitted, vmapped ``jax.jacfwd``; concrete even when called inside a trace).
-
-    Returns ``(pre (m, P), unit (m, Q), state (m, m))`` boolean arrays.
-    """
+def _phi_jacobian(spec: CellSpec):
+    """Jitted, vmapped ``jax.jacfwd`` of φ on a single unit: ``(a (N, P), u (N, Q), s (N, m))
+    -> (∂φ/∂a (N, m, P), ∂φ/∂θᵘ (N, m, Q), ∂φ/∂s (N, m, m))`` (compiled once per spec)."""
     names = [p.name for p in spec.projections]
 
     def phi1(a, u, s):  # a (P,), u (Q,), s (m,) -> (m,)
@@ -127,14 +174,50 @@ def derivative_patterns(spec: CellSpec, probes: int = 64, seed: int = 0):
         unit = {q: u[j][None] for j, q in enumerate(spec.unit_params)}
         return spec.phi(pre, unit, s[None])[0]
 
+    return jax.jit(jax.vmap(jax.jacfwd(phi1, argnums=(0, 1, 2))))
+
+
+@functools.lru_cache(maxsize=256)
+def derivative_patterns(spec: CellSpec, probes: int = 64, seed: int = 0, zero: tuple[str, ...] = ()):
+    """Structural nonzero pattern of φ's derivatives, OR-ed over random probe points.
+
+    φ acts unit by unit, so it is probed on single units at ``probes`` random points (one
+    jitted, vmapped ``jax.jacfwd``; concrete even when called inside a trace).  The
+    pre-activations of the projections named in ``zero`` are held at exactly 0 at every probe
+    point (they are identically zero for the unit, see :func:`zero_preactivations`), so a
+    product with them gives a structurally zero derivative.
+
+    Returns ``(pre (m, P), unit (m, Q), state (m, m))`` boolean arrays.
+    """
+    names = [p.name for p in spec.projections]
+    unknown = sorted(set(zero) - set(names))
+    if unknown:
+        raise ValueError(f"zero names unknown projections {unknown}; projections are {names}")
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(probes, len(names))) * 2.0
+    a[:, [j for j, n in enumerate(names) if n in zero]] = 0.0
     u = rng.normal(size=(probes, len(spec.unit_params)))
     s = rng.normal(size=(probes, spec.state_dim)) * 2.0
     with jax.ensure_compile_time_eval():
-        jac = jax.jit(jax.vmap(jax.jacfwd(phi1, argnums=(0, 1, 2))))
-        d_pre, d_unit, d_state = (np.asarray(d) for d in jac(a, u, s))
+        d_pre, d_unit, d_state = (np.asarray(d) for d in _phi_jacobian(spec)(a, u, s))
     return (d_pre != 0).any(axis=0), (d_unit != 0).any(axis=0), (d_state != 0).any(axis=0)
+
+
+def unit_derivative_patterns(spec: CellSpec, masks: Mapping[str, Any] | None):
+    """Per-unit structural patterns of φ's derivatives, given the masks.
+
+    Unit ``u`` is probed with the pre-activations that are identically zero for it
+    (:func:`zero_preactivations`) held at 0; units with the same set share one probe.
+
+    Returns ``(pre (units, m, P), unit (units, m, Q), state (units, m, m))`` boolean arrays:
+    ``pre[u, a, j]`` when ``∂φ_{u,a}/∂a_{p_j,u}`` can be nonzero, etc.
+    """
+    names = [p.name for p in spec.projections]
+    zero = zero_preactivations(spec, masks)
+    rows, inverse = np.unique(zero, axis=0, return_inverse=True)
+    pats = [derivative_patterns(spec, zero=tuple(n for n, z in zip(names, row) if z)) for row in rows]
+    inverse = np.asarray(inverse).reshape(-1)
+    return tuple(np.stack([pats[r][k] for r in inverse]) for k in range(3))
 
 
 def component_patterns(
@@ -147,28 +230,31 @@ def component_patterns(
     projection name or a unit-parameter name; ``None`` if every stored entry is in the pattern
     (no masking needed).
     """
-    pre_pat, unit_pat, state_pat = derivative_patterns(spec)
+    pre_pat, unit_pat, state_pat = unit_derivative_patterns(spec, masks)  # (U, m, ·)
     m, units = spec.state_dim, spec.units
-    # pattern(D)[(u,a),(v,c)] as a (units*m, units*m) boolean matrix: h_v reaches
-    # component a of unit u through projection p when W_p[v,u] is unmasked and φ_a reads a_p.
+    # pattern(D)[(u,a),(v,c)] as a (units*m, units*m) boolean matrix: h_v reaches component a
+    # of unit u through projection p when W_p[v,u] is unmasked and ∂φ_{u,a}/∂a_{p,u} is not
+    # structurally zero (per unit: it is when a multiplying pre-activation is identically 0).
     dpat = np.zeros((units, m, units, m), bool)
     for j, p in enumerate(spec.projections):
         if p.source != "state":
             continue
         mask = None if masks is None else masks.get(p.name)
         adj_p = np.ones((units, units), bool) if mask is None else (np.asarray(mask) != 0)
-        dpat[:, :, :, spec.readout] |= adj_p.T[:, None, :] & pre_pat[None, :, j, None]
+        dpat[:, :, :, spec.readout] |= adj_p.T[:, None, :] & pre_pat[:, :, j, None]
     for u in range(units):
-        dpat[u, :, u, :] |= state_pat
+        dpat[u, :, u, :] |= state_pat[u]
     dflat = dpat.reshape(units * m, units * m).astype(np.float32)
-    groups = {p.name: pre_pat[:, j] for j, p in enumerate(spec.projections)}
-    groups.update({q: unit_pat[:, j] for j, q in enumerate(spec.unit_params)})
+    # pattern(I) per group and column i: (units, m); a kernel entry W_p[r, i] has the pattern
+    # of ∂φ_i/∂a_{p,i} (times v_p[r], which is not structurally zero).
+    groups = {p.name: pre_pat[:, :, j] for j, p in enumerate(spec.projections)}
+    groups.update({q: unit_pat[:, :, j] for j, q in enumerate(spec.unit_params)})
     out = {}
     all_full = True
     for g, ipat in groups.items():
         # M[i, (u, a)] for a parameter in column i.
         M = np.zeros((units, units, m), bool)
-        M[np.arange(units), np.arange(units), :] = ipat[None, :]
+        M[np.arange(units), np.arange(units), :] = ipat
         M = M.reshape(units, units * m)
         for _ in range(n - 1):
             new = M | ((M.astype(np.float32) @ dflat.T) > 0)

@@ -1,9 +1,21 @@
-"""``lax.scan`` drivers: the accumulated online gradient over a sequence, and its BPTT reference.
+"""``lax.scan`` drivers: the summed online gradient over a sequence, and its BPTT reference.
 
-Both take a per-step loss ``loss_fn(h_t, y_t) -> scalar`` on the cell output
-``h_t`` (``(B, units)``) and hold the parameters fixed over the sequence, so the summed
-online gradient ``Σ_t (∂L_t/∂s_t) J_t`` of exact RTRL equals ``jax.grad`` of ``Σ_t L_t``
-through the scan (BPTT).  Sequences are time-major: ``xs (T, B, n_in)``.
+Both take a per-step loss ``loss_fn(y_t, target_t) -> scalar`` on the cell output ``y_t``
+(``(B, features)``) and hold the parameters fixed over the sequence, so the summed online
+gradient ``Σ_t (∂L_t/∂s_t) J_t`` of exact RTRL equals ``jax.grad`` of ``Σ_t L_t`` through the
+scan (BPTT).  Sequences are time-major: ``xs (T, B, n_in)``; carries are flax carries.
+
+Example::
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+    >>> cell = nn.GRUCell(4)
+    >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+    >>> xs, ys = jnp.ones((5, 2, 3)), jnp.zeros((5, 2, 4))
+    >>> loss = lambda y, t: jnp.sum((y - t) ** 2)
+    >>> on = sj.online_gradient(sj.online_method("rtrl", cell, params), params, None, xs, ys, loss)
+    >>> ref = sj.bptt_gradient(cell, params, None, xs, ys, loss)
+    >>> bool(jnp.allclose(on.grads["hn"]["kernel"], ref.grads["hn"]["kernel"], atol=1e-5))
+    True
 """
 
 from __future__ import annotations
@@ -12,10 +24,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from snapjax.cells import CellSpec, as_cell_spec, cell_step
-from snapjax.influence import InfluenceTracker
+from snapjax.methods import OnlineMethod
+from snapjax.recurrent import as_recurrent
 
 Array = jax.Array
 PyTree = Any
@@ -25,10 +38,9 @@ __all__ = ["SequenceGradient", "online_gradient", "bptt_gradient"]
 
 
 class SequenceGradient(NamedTuple):
-    """Result of a driver: ``loss`` (scalar Σ_t L_t), ``grads`` (parameter-shaped),
-    ``outputs`` (``(T, B, units)`` cell outputs), ``final_carry`` (flax carry layout) and
-    ``final_method_state`` (the online method's state after the last step, e.g. ``J_T``, to
-    continue a stream chunk by chunk; ``None`` for BPTT)."""
+    """Result of a driver: ``loss`` (scalar Σ_t L_t), ``grads`` (parameter-shaped), ``outputs``
+    (``(T, B, features)``), ``final_carry`` (flax layout) and ``final_method_state`` (to continue
+    a stream chunk by chunk; ``None`` for BPTT)."""
 
     loss: Array
     grads: PyTree
@@ -37,72 +49,90 @@ class SequenceGradient(NamedTuple):
     final_method_state: Any = None
 
 
-def _check_sequence(spec: CellSpec, xs: Array, batch: int) -> None:
-    if jnp.ndim(xs) != 3 or jnp.shape(xs)[1] != batch:
-        raise ValueError(f"xs must be time-major with shape (T, {batch}, n_in), got {jnp.shape(xs)}")
+def _batch(xs: Array) -> int:
+    if jnp.ndim(xs) != 3:
+        raise ValueError(f"xs must be time-major (T, B, n_in), got shape {jnp.shape(xs)}")
+    return int(jnp.shape(xs)[1])
 
 
 def online_gradient(
-    tracker: InfluenceTracker,
+    method: OnlineMethod,
     params: PyTree,
-    carry: PyTree,
+    carry: PyTree | None,
     xs: Array,
     ys: Any,
     loss_fn: LossFn,
-    influence: PyTree | None = None,
+    method_state: PyTree | None = None,
+    *,
+    key: Array | None = None,
 ) -> SequenceGradient:
-    """Run ``xs`` through the cell with ``lax.scan`` and accumulate the online gradient.
+    """Run ``xs`` through the cell with ``lax.scan`` and sum the online gradient of ``method``.
 
     Args:
-      tracker: from :func:`snapjax.influence_tracker` (fixes the method).
-      params: cell parameters (held fixed over the sequence).
-      carry: initial flax carry (``(B, units)``, or ``(c, h)`` for LSTM).
-      xs: ``(T, B, n_in)``; ys: per-step targets, any pytree with leading axis ``T``.
-      loss_fn: ``loss_fn(h_t, y_t) -> scalar`` (summed over the batch by the caller's choice).
-      influence: initial ``J`` (zeros if ``None``).
+      method: from :func:`snapjax.online_method`.  params: the cell's parameters (fixed).
+      carry: initial flax carry (``None``: zeros).  xs: ``(T, B, n_in)``; ys: pytree with leading
+        axis ``T``.  loss_fn: ``loss_fn(y_t, target_t) -> scalar``.
+      method_state: initial method state (``None``: ``method.init``; ``key`` seeds UORO).
+    Windowed methods (truncated BPTT, chunked RTRL) contribute at the end of each window; a
+    trailing partial window is closed with the method's ``flush`` when it has one.
     """
-    spec = tracker.spec
-    s0 = spec.to_internal(carry)
-    _check_sequence(spec, xs, s0.shape[0])
-    if influence is None:
-        influence = tracker.init(s0.shape[0], jnp.result_type(s0))
-    grads0 = jax.tree.map(jnp.zeros_like, params)
+    batch = _batch(xs)
+    dtype = jnp.result_type(xs)
+    carry = method.init_carry(batch, dtype) if carry is None else carry
+    state = method.init(batch, dtype, key=key) if method_state is None else method_state
+    out_fn = method.cell.output
 
     def body(c, inp):
-        s, J, g, total = c
+        carry, st, g, total = c
         x, y = inp
-        s, J = tracker.step(params, s, J, x)
-        loss, dlds = jax.value_and_grad(lambda st: loss_fn(spec.output(st), y))(s)
-        g = jax.tree.map(jnp.add, g, tracker.gradient(J, dlds))
-        return (s, J, g, total + loss), spec.output(s)
+        carry, st, _ = method.step(params, carry, st, x)
+        loss, dcarry = jax.value_and_grad(lambda cc: loss_fn(out_fn(cc), y))(carry)
+        gi, st = method.gradient(params, st, dcarry)
+        return (carry, st, jax.tree.map(jnp.add, g, gi), total + loss), out_fn(carry)
 
-    (s, J, grads, loss), outs = lax.scan(body, (s0, influence, grads0, jnp.zeros((), s0.dtype)), (xs, ys))
-    return SequenceGradient(loss, grads, outs, spec.from_internal(s), J)
+    g0 = jax.tree.map(jnp.zeros_like, params)
+    (carry, state, grads, loss), outs = lax.scan(body, (carry, state, g0, jnp.zeros((), dtype)), (xs, ys))
+    flush = getattr(method, "flush", None)
+    if flush is not None and np.shape(xs)[0] % method.period:
+        gf, state = flush(params, state)
+        grads = jax.tree.map(jnp.add, grads, gf)
+    return SequenceGradient(loss, grads, outs, carry, state)
 
 
 def bptt_gradient(
     cell: Any,
     params: PyTree,
-    carry: PyTree,
+    carry: PyTree | None,
     xs: Array,
     ys: Any,
     loss_fn: LossFn,
     masks: Any = None,
-    precision: Any = None,
 ) -> SequenceGradient:
-    """Reference: ``jax.value_and_grad`` of ``Σ_t loss_fn(h_t, y_t)`` through ``lax.scan`` (BPTT)."""
-    spec = as_cell_spec(cell)
-    s0 = spec.to_internal(carry)
-    _check_sequence(spec, xs, s0.shape[0])
+    """Reference: ``jax.value_and_grad`` of ``Σ_t loss_fn(y_t, target_t)`` through ``lax.scan``.
+
+    ``masks`` (static 0/1 per projection, like the methods') multiply the kernels in the forward
+    pass, so masked weights get the gradient of the masked model."""
+    rec = as_recurrent(cell)
+    batch = _batch(xs)
+    carry = rec.init_carry(batch, jnp.result_type(xs)) if carry is None else carry
+
+    def masked(p):
+        if not masks:
+            return p
+        p = dict(p)
+        for name, m in masks.items():
+            if m is not None:
+                p[name] = {**p[name], "kernel": p[name]["kernel"] * jnp.asarray(np.asarray(m), p[name]["kernel"].dtype)}
+        return p
 
     def total_loss(p):
-        def body(s, inp):
+        def body(c, inp):
             x, y = inp
-            s = cell_step(spec, p, s, x, masks, precision)
-            return s, (loss_fn(spec.output(s), y), spec.output(s))
+            c = rec.apply(masked(p), c, x)
+            return c, (loss_fn(rec.output(c), y), rec.output(c))
 
-        s, (losses, outs) = lax.scan(body, s0, (xs, ys))
-        return losses.sum(), (outs, s)
+        c, (losses, outs) = lax.scan(body, carry, (xs, ys))
+        return losses.sum(), (outs, c)
 
-    (loss, (outs, s)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
-    return SequenceGradient(loss, grads, outs, spec.from_internal(s))
+    (loss, (outs, c)), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+    return SequenceGradient(loss, grads, outs, c)

@@ -1,10 +1,10 @@
-"""UORO: Unbiased Online Recurrent Optimization (Tallec & Ollivier 2017).
+"""UORO: Unbiased Online Recurrent Optimization (Tallec & Ollivier 2017), for any cell.
 
 UORO keeps, per batch example, a rank-one estimate of the influence ``J_t = ds_t/dθ``:
 
-    J_t ≈ s̃_t θ̃_tᵀ,      s̃ (units, m),  θ̃ (parameter-shaped)
+    J_t ≈ s̃_t θ̃_tᵀ,      s̃ (carry-shaped),  θ̃ (parameter-shaped)
 
-updated with fresh random signs ``ν`` (Rademacher, shape of the state) each step:
+updated with fresh random signs ``ν`` (Rademacher, carry-shaped) each step:
 
     s̃_t = ρ₀ D_t s̃_{t-1} + ρ₁ ν
     θ̃_t = θ̃_{t-1} / ρ₀ + (νᵀ I_t) / ρ₁
@@ -16,191 +16,209 @@ terms are odd in ``ν`` (ρ₀, ρ₁ are even in ``ν``) and ``E[ννᵀ] = 1``
 is the online gradient ``g = Σ_b (∂L/∂s_b · s̃_b) θ̃_b`` (linear in ``s̃ θ̃ᵀ``).  The ρ's only
 balance the two factors to minimise variance.
 
-Cost per step: one ``jax.jvp`` of the cell step w.r.t. the state (``D s̃``) and one per-example
-``jax.vjp`` w.r.t. the parameters (``νᵀ I``), i.e. O(d·(k² + p)) like BPTT; memory ``k + p``
-per example.  Masked weights (static masks) get exactly zero ``θ̃`` and gradient.
+Only ``cell.apply`` on the flax carry is used, so UORO works for every
+:class:`snapjax.Recurrent` (compressed or generic): ``D s̃`` is one batched ``jax.jvp`` of the
+step w.r.t. the carry, ``νᵀ I`` one per-example ``jax.vjp`` w.r.t. the parameters (``vmap``
+over examples).  Cost per step O(d·(k² + p)) like BPTT; memory ``k + p`` per example.  Masked
+weights (static masks) act as zeros and get exactly zero ``θ̃`` and gradient.
 
-The random key is carried inside the method state and split every step, so a whole sequence
-is a pure function of the initial key.
+The random key is carried inside the method state (shared by the batch, batch axis ``None``)
+and split every step, so a whole sequence is a pure function of the initial key; a per-example
+:meth:`~snapjax.OnlineMethod.reset` zeroes ``s̃, θ̃`` of those examples and never rewinds it.
+
+Example (float32, flax GRU with 4 units)::
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+    >>> cell = nn.GRUCell(4)
+    >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+    >>> method = uoro_method(sj.as_recurrent(cell), params)
+    >>> carry, state = method.init_carry(2), method.init(2, key=jax.random.key(1))
+    >>> carry, state, _ = method.step(params, carry, state, jnp.ones((2, 3)))
+    >>> grads, state = method.gradient(params, state, jnp.ones((2, 4)))
+    >>> state.s_tilde.shape, grads["hn"]["kernel"].shape
+    ((2, 4), (4, 4))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax.cells import CellSpec, as_cell_spec, cell_step
-from snapjax.influence import _check_masks
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, typed_key
+from snapjax.methods.generic import (
+    CarryCheck,
+    ParamMasks,
+    check_params,
+    check_precision,
+    matmul_precision,
+    param_masks,
+)
+from snapjax.recurrent import Recurrent, as_recurrent
 
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["UOROState", "UOROTracker", "uoro_tracker"]
+__all__ = ["UOROState", "UORO", "uoro_method"]
 
 
 class UOROState(NamedTuple):
-    """UORO method state: ``s_tilde (B, units, m)``, ``theta_tilde`` (parameter pytree, each
-    leaf with a leading batch axis ``B``), ``key`` (PRNG key, split every step)."""
+    """UORO method state.
 
-    s_tilde: Array
+    Attributes:
+      s_tilde: carry-shaped (each leaf with the batch axis 0).
+      theta_tilde: parameter-shaped, each leaf with a leading batch axis ``B``.
+      key: typed PRNG key, shared by the batch, split every step.
+    """
+
+    s_tilde: PyTree
     theta_tilde: PyTree
     key: Array
 
 
 def _sq_norm_per_example(tree: PyTree) -> Array:
-    leaves = jax.tree.leaves(tree)
-    return sum(jnp.sum(jnp.reshape(x * x, (x.shape[0], -1)), axis=1) for x in leaves)
+    return sum(jnp.sum(jnp.reshape(x * x, (x.shape[0], -1)), axis=1) for x in jax.tree.leaves(tree))
 
 
-def _is_key(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+def _first(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: a[0], tree)
 
 
-def _typed_key(key: Any) -> Array:
-    """A typed PRNG key; legacy raw ``uint32`` keys (``jax.random.PRNGKey``) are wrapped, so that
-    the state's running key is recognised as a key (never rewound, never treated as batched)."""
-    if _is_key(key):
-        return key
-    raw = jnp.asarray(key)
-    if raw.dtype != jnp.uint32:
-        raise ValueError(f"key must be a PRNG key (jax.random.key) or a raw uint32 key, got dtype {raw.dtype}")
-    return jax.random.wrap_key_data(raw)
+def _lead(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: a[None], tree)
+
+
+def _per_example(v: Array, x: Array) -> Array:
+    return jnp.reshape(v, (-1,) + (1,) * (jnp.ndim(x) - 1))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class UOROTracker:
-    """Static configuration of UORO for one cell and parameter layout.
-
-    Shares the online-method protocol of :class:`snapjax.InfluenceTracker`:
-    ``init(batch_size, dtype, key=None)``, ``step(params, state, method_state, x)``,
-    ``gradient(method_state, dloss_dstate)``, attributes ``spec`` and ``masks``.
+class UORO(OnlineMethod):
+    """UORO for one cell and parameter layout (build with :func:`uoro_method`).
 
     Attributes:
-      spec: the cell.  masks: per projection name a bool ``(n_in, units)`` array or ``None``.
-      param_shapes: shapes of the parameter leaves (dict structure of the parameters).
-      n_in: input size.  eps: stabiliser of ρ₀, ρ₁.  precision: matmul precision of the cell.
+      cell: the cell.  masks: :class:`snapjax.methods.generic.ParamMasks`.
+      carry: per-example carry shapes (checks).  param_shapes: ``ShapeDtypeStruct`` tree.
+      eps: stabiliser of ρ₀, ρ₁.  precision: matmul precision of the cell step.
     """
 
-    spec: CellSpec
-    masks: dict
+    cell: Recurrent
+    masks: ParamMasks
+    carry: CarryCheck
     param_shapes: PyTree
-    n_in: int
     eps: float = 1e-7
     precision: Any = None
-    method: str = "uoro"
+    name: str = "uoro"
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> UOROState:
         """Zero ``s̃, θ̃`` for ``batch_size`` examples; ``key`` seeds the random signs
-        (``jax.random.key(0)`` if ``None``: pass distinct keys for independent estimates)."""
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        (``jax.random.key(0)`` if ``None``: pass distinct keys for independent estimates; a
+        raw ``uint32`` key is wrapped)."""
+        b = check_batch_size(batch_size)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"UORO state dtype must be floating point, got {dtype}")
-        key = jax.random.key(0) if key is None else _typed_key(key)
-        b = int(batch_size)
-        s_tilde = jnp.zeros((b, self.spec.units, self.spec.state_dim), dtype)
-        theta = jax.tree.map(
-            lambda s: jnp.zeros((b,) + tuple(s), dtype), self.param_shapes, is_leaf=lambda x: isinstance(x, tuple)
-        )
+        key = jax.random.key(0) if key is None else typed_key(key)
+        s_tilde = self.cell.init_carry(b, dtype)
+        theta = jax.tree.map(lambda s: jnp.zeros((b,) + tuple(s.shape), dtype), self.param_shapes)
         return UOROState(s_tilde, theta, key)
+
+    def batch_axes(self) -> UOROState:
+        return UOROState(s_tilde=0, theta_tilde=0, key=None)
 
     def num_stored(self) -> int:
         """Stored floats per example: ``k + p`` (dense-equivalent p; masked entries are zeros)."""
-        leaves = jax.tree.leaves(self.param_shapes, is_leaf=lambda x: isinstance(x, tuple))
-        return int(self.spec.state_size + sum(int(np.prod(s)) for s in leaves))
+        return int(self.carry.size + sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.param_shapes)))
 
-    def _f(self, params, s, x):
-        return cell_step(self.spec, params, s, x, self.masks, self.precision)
+    def _f(self, params: PyTree, carry: PyTree, x: Array) -> PyTree:
+        with matmul_precision(self.precision):
+            return self.cell.apply(self.masks.apply(params), carry, x)
 
-    def step(self, params: PyTree, state: Array, method_state: UOROState, x: Array) -> tuple[Array, UOROState]:
-        """One step: ``s_t`` and the updated rank-one estimate (see module docstring)."""
-        spec = self.spec
-        if jnp.ndim(state) != 3 or jnp.shape(state)[1:] != (spec.units, spec.state_dim):
-            raise ValueError(
-                f"state must have shape (B, {spec.units}, {spec.state_dim}) (internal layout), got {jnp.shape(state)}"
-            )
-        batch = jnp.shape(state)[0]
-        if jnp.ndim(x) != 2 or jnp.shape(x) != (batch, self.n_in):
-            raise ValueError(f"x must have shape ({batch}, {self.n_in}), got {jnp.shape(x)}")
-        s_tilde, theta, key = method_state
-        if jnp.shape(s_tilde) != jnp.shape(state):
-            raise ValueError(f"UORO state is for shape {jnp.shape(s_tilde)}, state has {jnp.shape(state)}")
-        dtype = s_tilde.dtype
+    def step(self, params: PyTree, carry: PyTree, state: UOROState, x: Array) -> StepResult:
+        """One step: the new carry and the updated rank-one estimate (see module docstring)."""
+        batch = self.carry.step_args(carry, x)
+        s_tilde, theta, key = state
+        if self.carry.like(s_tilde, "s_tilde") != batch:
+            raise ValueError(f"UORO state is for batch {jax.tree.leaves(s_tilde)[0].shape[0]}, the carry has {batch}")
+        dtype = jax.tree.leaves(s_tilde)[0].dtype
         eps = self.eps
 
         # D s̃ (forward mode; examples are independent so one batched JVP does all of them).
-        new_state, ds = jax.jvp(lambda s: self._f(params, s, x), (state,), (s_tilde.astype(state.dtype),))
-        ds = ds.astype(dtype)
+        tangent = jax.tree.map(lambda t, c: t.astype(jnp.result_type(c)), s_tilde, carry)
+        new_carry, ds = jax.jvp(lambda c: self._f(params, c, x), (carry,), (tangent,))
+        ds = jax.tree.map(lambda a: a.astype(dtype), ds)
 
         key, sub = jax.random.split(key)
-        nu = jax.random.rademacher(sub, jnp.shape(state), dtype)
+        leaves, treedef = jax.tree.flatten(new_carry)
+        nu = jax.tree.unflatten(treedef, [
+            jax.random.rademacher(k, a.shape, dtype) for k, a in zip(jax.random.split(sub, len(leaves)), leaves)
+        ])
 
         # νᵀ I per example (reverse mode w.r.t. the parameters, one example at a time).
-        def vjp_one(s_b, x_b, nu_b):
-            _, pull = jax.vjp(lambda p: self._f(p, s_b[None], x_b[None])[0], params)
-            return pull(nu_b.astype(new_state.dtype))[0]
+        def vjp_one(c_b, x_b, nu_b):
+            out, pull = jax.vjp(lambda p: _first(self._f(p, _lead(c_b), x_b[None])), params)
+            return pull(jax.tree.map(lambda v, o: v.astype(o.dtype), nu_b, out))[0]
 
-        nu_i = jax.vmap(vjp_one)(state, x, nu)
-        nu_i = jax.tree.map(lambda a: a.astype(dtype), nu_i)
+        nu_i = jax.vmap(vjp_one)(carry, x, nu)
+        nu_i = self.masks.apply(jax.tree.map(lambda a: a.astype(dtype), nu_i))
 
         theta_norm = jnp.sqrt(_sq_norm_per_example(theta))
-        ds_norm = jnp.sqrt(jnp.sum(ds * ds, axis=(1, 2)))
+        ds_norm = jnp.sqrt(_sq_norm_per_example(ds))
         nui_norm = jnp.sqrt(_sq_norm_per_example(nu_i))
-        nu_norm = jnp.sqrt(jnp.asarray(spec.state_size, dtype))
+        nu_norm = jnp.sqrt(jnp.asarray(self.carry.size, dtype))
         rho0 = jnp.sqrt(theta_norm / (ds_norm + eps)) + eps  # (B,)
         rho1 = jnp.sqrt(nui_norm / (nu_norm + eps)) + eps  # (B,)
 
-        s_new = rho0[:, None, None] * ds + rho1[:, None, None] * nu
+        s_new = jax.tree.map(lambda d, v: _per_example(rho0, d) * d + _per_example(rho1, v) * v, ds, nu)
+        theta_new = jax.tree.map(lambda th, ni: th / _per_example(rho0, th) + ni / _per_example(rho1, ni), theta, nu_i)
+        return StepResult(new_carry, UOROState(s_new, theta_new, key), {})
 
-        def upd(th, ni):
-            shape = (batch,) + (1,) * (th.ndim - 1)
-            return th / rho0.reshape(shape) + ni / rho1.reshape(shape)
-
-        theta_new = jax.tree.map(upd, theta, nu_i)
-        return new_state, UOROState(s_new, theta_new, key)
-
-    def gradient(self, method_state: UOROState, dloss_dstate: Array) -> PyTree:
+    def gradient(self, params: PyTree, state: UOROState, dloss_dcarry: PyTree) -> tuple[PyTree, UOROState]:
         """Unbiased online gradient ``Σ_b (∂L/∂s_b · s̃_b) θ̃_b`` in the parameters' shapes."""
-        spec = self.spec
-        if jnp.ndim(dloss_dstate) != 3 or jnp.shape(dloss_dstate)[1:] != (spec.units, spec.state_dim):
-            raise ValueError(
-                f"dloss_dstate must have shape (B, {spec.units}, {spec.state_dim}), got {jnp.shape(dloss_dstate)}"
-            )
-        s_tilde, theta, _ = method_state
-        c = jnp.sum(dloss_dstate.astype(s_tilde.dtype) * s_tilde, axis=(1, 2))  # (B,)
-        return jax.tree.map(lambda th: jnp.tensordot(c, th, axes=(0, 0)), theta)
+        del params
+        batch = self.carry.like(dloss_dcarry, "dloss_dcarry")
+        s_tilde, theta, _ = state
+        if self.carry.like(s_tilde, "s_tilde") != batch:
+            raise ValueError(f"dloss_dcarry has batch {batch}, the UORO state {jax.tree.leaves(s_tilde)[0].shape[0]}")
+        c = sum(
+            jnp.sum(jnp.reshape(d.astype(s.dtype) * s, (batch, -1)), axis=1)
+            for d, s in zip(jax.tree.leaves(dloss_dcarry), jax.tree.leaves(s_tilde))
+        )  # (B,)
+        return jax.tree.map(lambda th: jnp.tensordot(c, th, axes=(0, 0)), theta), state
 
 
-def uoro_tracker(
+def uoro_method(
     cell: Any,
     params: PyTree,
-    masks: Mapping[str, Any] | None = None,
+    *,
+    masks: Any = None,
     eps: float = 1e-7,
     precision: Any = None,
-) -> UOROTracker:
-    """Build a :class:`UOROTracker` for ``cell`` with parameters ``params`` (shapes only).
+) -> UORO:
+    """Build :class:`UORO` for ``cell`` with parameters shaped like ``params``.
 
     Args:
-      cell: a snapjax cell, a supported flax.linen cell or a :class:`CellSpec`.
-      params: the cell's parameter dict.
-      masks: optional static 0/1 masks per projection name (masked weights get zero gradient).
+      cell: a :class:`snapjax.Recurrent` or anything :func:`snapjax.as_recurrent` accepts.
+      params: the cell's parameter dict (shapes and dtypes are read).
+      masks: optional static 0/1 masks, ``{projection: (n_in, units)}`` for
+        ``params[name]['kernel']`` or a params-shaped tree (masked weights get zero gradient).
       eps: stabiliser in ρ₀ and ρ₁ (must be > 0).
-      precision: matmul precision of the cell step.
+      precision: matmul precision of the cell step (``"highest"``, ``jax.lax.Precision``...).
+    Raises:
+      ValueError: ``eps <= 0``, bad masks, parameters or precision.
     """
-    spec = as_cell_spec(cell)
-    spec.check_params(params)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    mask_dict = _check_masks(spec, params, masks)
-    shapes = jax.tree.map(lambda a: tuple(np.shape(a)), params)
-    return UOROTracker(
-        spec=spec,
-        masks=mask_dict,
-        param_shapes=shapes,
-        n_in=spec.input_size(params),
+    rec = as_recurrent(cell)
+    check_params(rec.name, params)
+    if not (isinstance(eps, (int, float, np.floating)) and eps > 0):
+        raise ValueError(f"UORO: eps must be a number > 0, got {eps!r}")
+    check_precision(precision)
+    return UORO(
+        cell=rec,
+        masks=param_masks(params, masks),
+        carry=CarryCheck.of(rec),
+        param_shapes=jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), params),
         eps=float(eps),
         precision=precision,
     )

@@ -1,4 +1,6 @@
-"""Activity-sparse exact RTRL == dense exact RTRL (incl. steps where every unit is active)."""
+"""Activity-sparse exact RTRL (``online_method("activity")``) == dense exact RTRL == BPTT
+(incl. steps where every unit is active), driven through the OnlineMethod interface on flax
+carries."""
 
 import chex
 import jax
@@ -8,7 +10,7 @@ import pytest
 
 import snapjax as sj
 from conftest import random_masks, tree_rel_err
-from snapjax.activity import ActivityInfluence, activity_sparse_tracker, step_cost
+from snapjax.activity import ActivityInfluence, activity_method, step_cost
 from snapjax.egru import EGRUCell
 
 UNITS = 16
@@ -28,19 +30,40 @@ def _loss(h, y):
     return jnp.sum(jnp.sin(h) * y) + 0.5 * jnp.sum(h**2)
 
 
-def _run_stats(tracker, params, carry0, xs):
-    s0 = tracker.spec.to_internal(carry0)
+def _online(method, params, carry0, xs, ys):
+    """``(Σ_t L_t, Σ_t online gradient, aux stacked over t, final state)`` through the
+    interface: ``step`` then ``gradient`` with ``dL_t/dcarry_t`` (flax layout), in a jitted scan."""
 
     @jax.jit
-    def run(s, J, xs):
-        def body(c, x):
-            s, J, st = tracker.step_with_stats(params, *c, x)
-            return (s, J), st
+    def run(params, carry0, xs, ys):
+        def body(c, inp):
+            carry, state, g, total = c
+            x, y = inp
+            carry, state, aux = method.step(params, carry, state, x)
+            loss, dl = jax.value_and_grad(lambda cr: _loss(method.cell.output(cr), y))(carry)
+            g_t, state = method.gradient(params, state, dl)
+            return (carry, state, jax.tree.map(jnp.add, g, g_t), total + loss), aux
 
-        return jax.lax.scan(body, (s, J), xs)
+        init = (carry0, method.init(xs.shape[1], xs.dtype), jax.tree.map(jnp.zeros_like, params), 0.0)
+        (_, state, g, loss), aux = jax.lax.scan(body, init, (xs, ys))
+        return loss, g, aux, state
 
-    _, stats = run(s0, tracker.init(s0.shape[0], s0.dtype), xs)
-    return jax.tree.map(np.asarray, stats)
+    loss, g, aux, state = run(params, carry0, xs, ys)
+    return loss, g, jax.tree.map(np.asarray, aux), state
+
+
+def _bptt(cell, params, carry0, xs, ys):
+    """Reference: ``jax.grad`` of ``Σ_t L_t`` through ``lax.scan`` of the cell's flax step."""
+    rec = sj.as_recurrent(cell)
+
+    def total(p):
+        def body(c, inp):
+            c = rec.apply(p, c, inp[0])
+            return c, _loss(rec.output(c), inp[1])
+
+        return jax.lax.scan(body, carry0, (xs, ys))[1].sum()
+
+    return jax.jit(jax.value_and_grad(total))(params)
 
 
 # (input scale, threshold init): low activity (sparse branches) / high activity (fallback)
@@ -52,13 +75,12 @@ def test_sparse_equals_dense_rtrl(x64, case, density):
     cell, params, carry0, xs, ys = _setup(*CASES[case], seed=1 if density is None else 2)
     masks = None if density is None else random_masks(np.random.default_rng(0), cell.spec, params, density)
     block = 3 if case == "high_alpha" else 1  # 16 units: 6 blocks of 3 (the last one padded) / 16 of 1
-    sparse = activity_sparse_tracker(cell, params, masks=masks, block=block)
-    dense = sj.influence_tracker(cell, params, "rtrl", masks=masks)
-    ref = sj.online_gradient(dense, params, carry0, xs, ys, _loss)
-    out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
-    assert tree_rel_err(out.grads, ref.grads) < 1e-10
-    np.testing.assert_allclose(out.loss, ref.loss, rtol=1e-12)
-    stats = _run_stats(sparse, params, carry0, xs)
+    sparse = sj.online_method("activity", cell, params, masks=masks, block=block)
+    dense = sj.online_method("rtrl", cell, params, masks=masks)
+    ref_loss, ref_grads, _, _ = _online(dense, params, carry0, xs, ys)
+    loss, grads, stats, _ = _online(sparse, params, carry0, xs, ys)
+    assert tree_rel_err(grads, ref_grads) < 1e-10
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     all_blocks = -(-UNITS // block)
     assert stats["max_active"].max() > 0  # some units are active: the sparse work is not trivial
     assert np.any((stats["blocks"] > 1))  # several blocks accumulate
@@ -72,48 +94,106 @@ def test_sparse_equals_dense_rtrl(x64, case, density):
 
 def test_equals_bptt_and_online_learning_state(x64):
     cell, params, carry0, xs, ys = _setup(*CASES["low_alpha"], seed=3)
-    tracker = activity_sparse_tracker(cell, params)
-    ref = sj.bptt_gradient(cell, params, carry0, xs, ys, _loss)
-    out = sj.online_gradient(tracker, params, carry0, xs, ys, _loss)
-    assert tree_rel_err(out.grads, ref.grads) < 1e-10
-    J = tracker.init(3, jnp.float64, key=jax.random.key(0))
+    method = sj.online_method("activity", cell, params)
+    ref_loss, ref_grads = _bptt(cell, params, carry0, xs, ys)
+    loss, grads, _, state = _online(method, params, carry0, xs, ys)
+    assert tree_rel_err(grads, ref_grads) < 1e-10
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    J = method.init(3, jnp.float64, key=jax.random.key(0))
     assert isinstance(J, ActivityInfluence) and not bool(J.active.any())
+    # every leaf has its batch axis first, as declared
+    axes = method.batch_axes()
+    assert isinstance(axes, ActivityInfluence) and set(axes) == {0}
+    assert {jnp.shape(a)[0] for a in jax.tree.leaves(J)} == {3}
+    assert method.num_stored() * 3 == sum(a.size for a in jax.tree.leaves(J) if a.dtype != bool)
+    # reset: the chosen examples start afresh, the others are untouched
+    where = jnp.array([True, False, True])
+    fresh = method.reset(state, where)
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state)):
+        assert not np.asarray(a[0]).any() and np.array_equal(a[1], b[1]) and not np.asarray(a[2]).any()
+    assert bool(state.active[0].any())  # the reset actually changed something
     with pytest.raises(ValueError, match="influence does not match"):
-        tracker.step(params, tracker.spec.to_internal(carry0), tracker.init(2, jnp.float64), xs[0])
+        method.step(params, carry0, method.init(2, jnp.float64), xs[0])
+    with pytest.raises(ValueError, match=r"carry must be the flax carry of egru for batch 3"):
+        method.step(params, jax.tree.map(lambda c: c[:2], carry0), J, xs[0])
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 4\)"):
+        method.step(params, carry0, J, xs[0][:, :3])
+    with pytest.raises(ValueError, match="dloss_dcarry must be the flax carry"):
+        method.gradient(params, J, jnp.ones((3, UNITS)))
+    with pytest.raises(ValueError, match="state must come from"):
+        method.step(params, carry0, tuple(J), xs[0])
+
+
+def test_aux_reports_the_active_fraction(x64):
+    """``aux`` against a direct count: the units whose read-out influence row of dense exact
+    RTRL is nonzero, before (``alpha``) and after (``alpha_next``) each step."""
+    cell, params, carry0, xs, _ = _setup(*CASES["low_alpha"], seed=7, T=6)
+    block = 3
+    sparse = sj.online_method("activity", cell, params, block=block)
+    dense = sj.online_method("rtrl", cell, params)
+    r = cell.spec.readout
+    step_s, step_d = jax.jit(sparse.step), jax.jit(dense.step)
+    cs, cd, Js, Jd = carry0, carry0, sparse.init(3, jnp.float64), dense.init(3, jnp.float64)
+    prev = np.zeros((3, UNITS), bool)
+    for t in range(xs.shape[0]):
+        cs, Js, aux = step_s(params, cs, Js, xs[t])
+        cd, Jd, _ = step_d(params, cd, Jd, xs[t])
+        # direct count: any nonzero entry of J_t[b, θ, u, r] over all parameters θ
+        now = np.zeros((3, UNITS), bool)
+        for leaf in jax.tree.leaves(dense.to_dense(Jd)):
+            now |= np.asarray(leaf[..., r] != 0).reshape(3, -1, UNITS).any(axis=1)
+        assert np.array_equal(np.asarray(Js.active), now)
+        assert float(aux["alpha"]) == prev.mean() and float(aux["alpha_next"]) == now.mean()
+        assert int(aux["max_active"]) == max(prev.sum(-1).max(), now.sum(-1).max())
+        blocks = -(-prev.sum(-1).max() // block)
+        assert int(aux["blocks"]) == blocks and int(aux["capacity"]) == max(blocks, 1) * block
+        h = np.asarray(cell.spec.output(cell.spec.to_internal(cs)))
+        assert np.all(now | (h == 0))  # every event is an active unit
+        assert tree_rel_err(sparse.to_dense(Js), dense.to_dense(Jd)) < 1e-12
+        prev = now
+    assert 0 < prev.mean() < 1  # a sparse, nontrivial count
 
 
 def test_compiles_once_and_cost(x64):
     cell, params, carry0, xs, _ = _setup(*CASES["high_alpha"], seed=4)
     xs = xs * jnp.linspace(0.0, 1.0, xs.shape[0])[:, None, None]  # activity ramps up: several branches
-    tracker = activity_sparse_tracker(cell, params, block=4)
+    method = sj.online_method("activity", cell, params, block=4)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def step(p, s, J, x):
-        return tracker.step_with_stats(p, s, J, x)
+    def step(p, c, J, x):
+        return method.step(p, c, J, x)
 
-    s, J = tracker.spec.to_internal(carry0), tracker.init(3, jnp.float64)
+    c, J = carry0, method.init(3, jnp.float64)
     caps = []
     for t in range(xs.shape[0]):
-        s, J, st = step(params, s, J, xs[t])
+        c, J, st = step(params, c, J, xs[t])
         caps.append(int(st["capacity"]))
     assert len(set(caps)) >= 2  # different branches ran, one compilation
-    cost = step_cost(tracker, 3, np.array(caps))
+    cost = step_cost(method, 3, np.array(caps))
     assert np.all(cost["flops"][np.array(caps) < UNITS] < cost["flops_dense"])
     assert np.all(cost["flops"][np.array(caps) == UNITS] == cost["flops_dense_structured"])
     assert cost["flops_dense_structured"] < cost["flops_dense"]
-    assert np.all(np.diff(step_cost(tracker, 3, np.array([2, 4, 8, 16]))["flops"]) > 0)  # cost grows with C
-    assert cost["influence_bytes"] == tracker.num_stored() * 3 * 4 and cost["density"] == 1.0
+    assert np.all(np.diff(step_cost(method, 3, np.array([2, 4, 8, 16]))["flops"]) > 0)  # cost grows with C
+    rtrl = sj.online_method("rtrl", cell, params)
+    assert cost["influence_bytes"] == rtrl.num_stored() * 3 * 4 and cost["density"] == 1.0
+    assert cost["influence_bytes"] + cost["scratch_bytes"] == method.num_stored() * 3 * 4
+    with pytest.raises(ValueError, match="step_cost needs an ActivitySparseRTRL"):
+        step_cost(rtrl, 3, 4)
 
 
 def test_rejects_non_dense_layout():
     cell = EGRUCell(4)
     params = cell.init(jax.random.key(0), cell.initialize_carry(None, (1, 2)), jnp.ones((1, 2)))["params"]
     with pytest.raises(ValueError, match="dense influence layout"):
-        activity_sparse_tracker(cell, params, "snap1")
+        activity_method(sj.as_recurrent(cell), params, n=1)
     for bad in (1.5, 0, -2, "4", True):
         with pytest.raises(ValueError, match="block"):
-            activity_sparse_tracker(cell, params, block=bad)
+            sj.online_method("activity", cell, params, block=bad)
+    with pytest.raises(ValueError, match="compressed form"):
+        activity_method(sj.as_recurrent(cell, generic=True), params)
+    # the default block is 1/8 of the units (at least 1)
+    assert sj.online_method("activity", cell, params).block == 1
 
 
 def test_one_component_cell_gru_equals_dense_rtrl(x64):
@@ -125,23 +205,25 @@ def test_one_component_cell_gru_equals_dense_rtrl(x64):
     xs = jax.random.normal(keys[1], (5, 2, 3), jnp.float64)
     ys = jax.random.normal(keys[2], (5, 2, 6), jnp.float64)
     params = cell.init(keys[0], carry0, xs[0])["params"]
-    sparse = activity_sparse_tracker(cell, params, block=4)
-    ref = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
-    out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
-    assert tree_rel_err(out.grads, ref.grads) < 1e-10
+    sparse = sj.online_method("activity", cell, params, block=4)
+    _, ref, _, _ = _online(sj.online_method("rtrl", cell, params), params, carry0, xs, ys)
+    _, out, stats, _ = _online(sparse, params, carry0, xs, ys)
+    assert tree_rel_err(out, ref) < 1e-10
+    assert np.all(stats["alpha_next"] == 1.0) and np.all(stats["blocks"][1:] == 2)
 
 
 def test_dense_layout_snap2_with_pattern_equals_snap2(x64):
     """SnAp-2 on sparse weights uses the dense layout with a pattern mask here; the
-    activity-sparse tracker applies the same pattern and gives the same (approximate) gradient."""
+    activity-sparse method applies the same pattern and gives the same (approximate) gradient."""
     cell, params, carry0, xs, ys = _setup(2.0, (0.2, 0.5), seed=6)
     masks = random_masks(np.random.default_rng(1), cell.spec, params, 0.2)
-    base = sj.influence_tracker(cell, params, "snap", 2, masks=masks)
-    assert base.layout == "dense" and base.patterns is not None
-    sparse = activity_sparse_tracker(cell, params, "snap", 2, masks=masks, block=2)
-    ref = sj.online_gradient(base, params, carry0, xs, ys, _loss)
-    out = sj.online_gradient(sparse, params, carry0, xs, ys, _loss)
-    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl", masks=masks), params, carry0, xs, ys, _loss)
-    assert sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(ref.grads)) > 0
-    assert tree_rel_err(out.grads, ref.grads) < 1e-10
-    assert tree_rel_err(ref.grads, rtrl.grads) > 1e-6  # the pattern matters: SnAp-2 is not RTRL here
+    base = sj.online_method("snap2", cell, params, masks=masks)
+    assert base.tracker.layout == "dense" and base.tracker.patterns is not None
+    sparse = activity_method(sj.as_recurrent(cell), params, n=2, masks=masks, block=2)
+    assert sparse.name == "activity-snap2"
+    _, ref, _, _ = _online(base, params, carry0, xs, ys)
+    _, out, _, _ = _online(sparse, params, carry0, xs, ys)
+    _, rtrl, _, _ = _online(sj.online_method("rtrl", cell, params, masks=masks), params, carry0, xs, ys)
+    assert sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(ref)) > 0
+    assert tree_rel_err(out, ref) < 1e-10
+    assert tree_rel_err(ref, rtrl) > 1e-6  # the pattern matters: SnAp-2 is not RTRL here

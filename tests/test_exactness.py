@@ -36,8 +36,8 @@ def test_rtrl_equals_bptt(x64, cell_cls, units, n_in, batch, T, density):
     if density is not None:
         masks = random_masks(np.random.default_rng(units), cell.spec, params, density)
     ref = sj.bptt_gradient(cell, params, carry0, xs, ys, _loss, masks=masks)
-    tracker = sj.influence_tracker(cell, params, "rtrl", masks=masks)
-    out = sj.online_gradient(tracker, params, carry0, xs, ys, _loss)
+    method = sj.online_method("rtrl", cell, params, masks=masks)
+    out = sj.online_gradient(method, params, carry0, xs, ys, _loss)
     assert tree_rel_err(out.grads, ref.grads) < 1e-10
     np.testing.assert_allclose(out.loss, ref.loss, rtol=1e-12)
     np.testing.assert_allclose(out.outputs, ref.outputs, rtol=1e-12, atol=1e-14)
@@ -52,10 +52,10 @@ def test_snap_n_ge_k_equals_rtrl(x64, cell_cls, density):
     units = 6
     cell, params, carry0, xs, ys = _setup(cell_cls, units, 3, 2, 8, seed=3)
     masks = None if density is None else random_masks(np.random.default_rng(1), cell.spec, params, density)
-    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl", masks=masks), params, carry0, xs, ys, _loss)
+    rtrl = sj.online_gradient(sj.online_method("rtrl", cell, params, masks=masks), params, carry0, xs, ys, _loss)
     k = cell.spec.state_size
     for n in (k, k + 3):
-        snap = sj.online_gradient(sj.influence_tracker(cell, params, "snap", n, masks=masks), params, carry0, xs, ys, _loss)
+        snap = sj.online_gradient(sj.online_method("snap", cell, params, n=n, masks=masks), params, carry0, xs, ys, _loss)
         assert tree_rel_err(snap.grads, rtrl.grads) < 1e-12
 
 
@@ -66,26 +66,26 @@ def test_snap_table_layout_full_equals_rtrl(x64):
     # Block-diagonal recurrent masks: two disconnected groups of 5 units.
     block = np.kron(np.eye(2, dtype=bool), np.ones((5, 5), bool))
     masks = {name: block for name in ("hr", "hz", "hn")}
-    tracker = sj.influence_tracker(cell, params, "snap", 10, masks=masks)
-    assert tracker.layout == "table" and tracker.width == 5
-    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl", masks=masks), params, carry0, xs, ys, _loss)
-    snap = sj.online_gradient(tracker, params, carry0, xs, ys, _loss)
+    method = sj.online_method("snap", cell, params, n=10, masks=masks)
+    assert method.tracker.layout == "table" and method.tracker.width == 5
+    rtrl = sj.online_gradient(sj.online_method("rtrl", cell, params, masks=masks), params, carry0, xs, ys, _loss)
+    snap = sj.online_gradient(method, params, carry0, xs, ys, _loss)
     assert tree_rel_err(snap.grads, rtrl.grads) < 1e-12
 
 
 @pytest.mark.parametrize("cell_cls", CELLS)
 def test_snap1_equals_rtrl_on_one_step(x64, cell_cls):
     cell, params, carry0, xs, ys = _setup(cell_cls, 5, 3, 3, 1, seed=11)
-    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
-    snap1 = sj.online_gradient(sj.influence_tracker(cell, params, "snap1"), params, carry0, xs, ys, _loss)
+    rtrl = sj.online_gradient(sj.online_method("rtrl", cell, params), params, carry0, xs, ys, _loss)
+    snap1 = sj.online_gradient(sj.online_method("snap1", cell, params), params, carry0, xs, ys, _loss)
     assert tree_rel_err(snap1.grads, rtrl.grads) < 1e-13
 
 
 def test_snap1_differs_from_rtrl_on_longer_sequences(x64):
     """Sanity check that the approximation is an approximation (the tests above can fail)."""
     cell, params, carry0, xs, ys = _setup(sj.GRUCell, 5, 3, 3, 6, seed=11)
-    rtrl = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
-    snap1 = sj.online_gradient(sj.influence_tracker(cell, params, "snap1"), params, carry0, xs, ys, _loss)
+    rtrl = sj.online_gradient(sj.online_method("rtrl", cell, params), params, carry0, xs, ys, _loss)
+    snap1 = sj.online_gradient(sj.online_method("snap1", cell, params), params, carry0, xs, ys, _loss)
     assert tree_rel_err(snap1.grads, rtrl.grads) > 1e-3
 
 
@@ -138,7 +138,7 @@ def test_snap1_gru_hand_derived_three_steps(x64):
         for k in J:
             G[k] += np.einsum("bi,b...i->...i", dl_dh, J[k])
 
-    out = sj.online_gradient(sj.influence_tracker(cell, params, "snap1"), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sj.online_method("snap1", cell, params), params, carry0, xs, ys, _loss)
     g = jax.tree.map(np.asarray, out.grads)
     for name in ("ir", "iz", "in", "hr", "hz", "hn"):
         np.testing.assert_allclose(g[name]["kernel"], G[name], rtol=1e-12, atol=1e-14)
@@ -161,7 +161,7 @@ def test_flax_linen_cells_rtrl_equals_bptt(x64, flax_cls):
             return c, _loss(h, xy[1])
         return jax.lax.scan(body, carry0, (xs, ys))[1].sum()
     ref = jax.grad(total)(params)
-    out = sj.online_gradient(sj.influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys, _loss)
+    out = sj.online_gradient(sj.online_method("rtrl", cell, params), params, carry0, xs, ys, _loss)
     assert tree_rel_err(out.grads, ref) < 1e-10
 
 
@@ -170,9 +170,9 @@ def test_online_gradient_continues_across_chunks(x64, method):
     """Two chunks chained through ``final_carry`` / ``final_method_state`` give exactly the
     one-sequence result (the influence is carried, not reset)."""
     cell, params, carry0, xs, ys = _setup(sj.GRUCell, 5, 3, 2, 8, seed=13)
-    tracker = sj.influence_tracker(cell, params, method)
-    whole = sj.online_gradient(tracker, params, carry0, xs, ys, _loss)
-    a = sj.online_gradient(tracker, params, carry0, xs[:3], ys[:3], _loss)
-    b = sj.online_gradient(tracker, params, a.final_carry, xs[3:], ys[3:], _loss, influence=a.final_method_state)
+    online = sj.online_method(method, cell, params)
+    whole = sj.online_gradient(online, params, carry0, xs, ys, _loss)
+    a = sj.online_gradient(online, params, carry0, xs[:3], ys[:3], _loss)
+    b = sj.online_gradient(online, params, a.final_carry, xs[3:], ys[3:], _loss, method_state=a.final_method_state)
     assert tree_rel_err(jax.tree.map(jnp.add, a.grads, b.grads), whole.grads) < 1e-13
     assert sj.bptt_gradient(cell, params, carry0, xs, ys, _loss).final_method_state is None

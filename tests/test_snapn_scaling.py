@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import snapjax as sj
+from snapjax.influence import influence_tracker
 from snapjax.sparsity import density_report, random_masks, snap_pattern_size
 
 K = 64
@@ -28,7 +29,7 @@ def test_snap2_storage_scales_with_density(gru):
     sizes = {}
     for d in (0.5, 0.25, 0.1):
         masks = random_masks(0, params, d, spec=cell)
-        tr = sj.influence_tracker(cell, params, "snap", 2, masks=masks, layout="table")
+        tr = influence_tracker(cell, params, "snap", 2, masks=masks, layout="table")
         assert tr.layout == "table"
         sizes[d] = tr.num_stored()
         # stored = (nonzero params) x (table width K): the width is 1 + the largest out-degree

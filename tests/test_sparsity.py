@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import snapjax as sj
+from snapjax.influence import influence_tracker
+from snapjax.patterns import kernel_layout
 from snapjax.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
 
 
@@ -28,7 +30,7 @@ def test_fan_in_masks_exact_per_column(density):
         want = max(1, round(density * n_in))
         np.testing.assert_array_equal(m.sum(axis=0), want)
         # no padding in the compressed layout: every column has the same number of rows
-        lay = sj.kernel_layout(m, n_in)
+        lay = kernel_layout(m, n_in)
         assert lay.num_rows == want and lay.valid.all()
 
 
@@ -60,7 +62,7 @@ def test_include_input_false_and_name_inference():
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
 def test_bad_density(density):
     _, params = _gru()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         random_masks(0, params, density)
 
 
@@ -122,7 +124,7 @@ def test_snap_pattern_size():
     rep = density_report(params, masks)
     # SnAp-1 with fan-in masks: exactly the nonzero parameters (no padding).
     assert snap_pattern_size(cell, params, masks, 1) == rep["nonzero_params"]
-    tr = sj.influence_tracker(cell, params, "snap", 2, masks=masks, layout="table")
+    tr = influence_tracker(cell, params, "snap", 2, masks=masks, layout="table")
     assert snap_pattern_size(cell, params, masks, 2) == tr.pattern_count()
     assert tr.pattern_count() <= tr.num_stored() == rep["nonzero_params"] * tr.width
     assert snap_pattern_size(cell, params, masks, 2) < snap_pattern_size(cell, params, masks, None)

@@ -64,18 +64,21 @@ def test_accumulate_online_matches_multisteps():
     assert isinstance(s_ours, AccumulateOnlineState)
     up_ours, up_ref = jax.jit(ours.update), jax.jit(ref.update)
     p_ours = p_ref = PARAMS
+    history = []
     for i in range(7):
         g = _grads(float(i + 1))
         u, s_ours = up_ours(g, s_ours, p_ours)
         v, s_ref = up_ref(g, s_ref, p_ref)
         p_ours, p_ref = optax.apply_updates(p_ours, u), optax.apply_updates(p_ref, v)
+        history.append(p_ours)
         chex.assert_trees_all_close(p_ours, p_ref)
         if (i + 1) % k:
             chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
-    # the sum: after 3 steps w moved by -0.5 * (1 + 2 + 3)
-    np.testing.assert_allclose(
-        optax.apply_updates(PARAMS, jax.tree.map(jnp.zeros_like, PARAMS))["b"], PARAMS["b"]
-    )
+    # the sum, not the mean: after 3 steps every entry moved by -0.5 * (1 + 2 + 3); after 6 by
+    # -0.5 * (1 + ... + 6); step 7 is only accumulated (no update yet)
+    for step, moved in ((1, 0.0), (2, 0.0), (3, -3.0), (5, -3.0), (6, -10.5), (7, -10.5)):
+        for name in ("w", "b"):
+            np.testing.assert_allclose(history[step - 1][name], PARAMS[name] + moved, rtol=1e-6, atol=1e-6)
     mean = accumulate_online(optax.sgd(1.0), 2, mean=True)
     s = mean.init(PARAMS)
     _, s = mean.update(_grads(1.0), s, PARAMS)

@@ -1,0 +1,598 @@
+"""The online learner: trains a whole model while the stream comes in.
+
+Typical use (``xs`` time-major ``(T, B, n_in)``; one jitted ``lax.scan`` per chunk)::
+
+    learner = OnlineLearner([nn.Dense(16), nn.GRUCell(32), nn.GRUCell(32), nn.Dense(2)],
+                            method="snap1", optimizer=optax.adam(1e-3))
+    state = learner.init(jax.random.key(0), batch_size=8, input_size=1)
+    state, outputs, metrics = learner.run_jit(state, xs, ys)
+
+At every step ``t`` (:meth:`OnlineLearner.step`): each recurrent stage advances with its online
+method (:mod:`snapjax.methods`); the model's outputs give the per-example loss ``ℓ_b`` and
+``L_t = Σ_b w_b ℓ_b / max(Σ_b w_b, 1)`` with ``w_b`` the loss mask times the target's validity;
+the cotangents flow back within the step (see :mod:`snapjax.model`) and each method turns its
+stage's cotangent into a gradient.  Every ``update_every`` steps the summed gradient goes
+through ``skip_nonfinite(chain(optimizer, masked_updates(masks)))``; the optimizer receives
+``value=`` the mean loss of the period (so ``optax.contrib.reduce_on_plateau`` works) and any
+extra arguments given to ``step``/``run``.
+
+Reliability (on by default, ``guard=True``; cheap: one finiteness test of the carries and of
+the gradient per step): an example whose carry, method state or loss becomes non-finite is
+reset to the zero carry and a fresh method state, and excluded from that step's gradient, which
+is recomputed without it (``metrics['resets']`` counts example-steps).  Invalid targets (a label
+outside ``[0, classes)``, a non-finite regression target) are excluded and counted
+(``metrics['excluded']``).  Shapes and dtypes of every input are checked at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from snapjax.losses import Loss, get_loss
+from snapjax.methods import OnlineMethod, online_method
+from snapjax.methods.base import check_batch_size, is_key, select_examples, typed_key
+from snapjax.model import OnlineModel, Stage, backward, contain, forward, forward_only, head_output
+from snapjax.transforms import masked_updates, tree_all_finite
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["OnlineLearner", "OnlineState"]
+
+
+class OnlineState(NamedTuple):
+    """Everything needed to continue (or resume) an online run; a pytree.
+
+    Attributes:
+      params: ``{"layers_i": ...}``.  opt_state: of ``skip_nonfinite(chain(optimizer, masked))``
+        (:meth:`OnlineLearner.optimizer_state` returns the user optimizer's own state).
+      carry: tuple of flax carries, one per recurrent stage (batch axis 0).
+      method_state: tuple of method states, one per recurrent stage.
+      grad_acc: gradients summed since the last update (``None`` when ``update_every == 1``).
+      loss_acc: loss summed since the last update.  scored: a scored example since the last update.
+      step: int32, steps seen.  key: PRNG key.  skipped: non-finite updates skipped.
+      resets: example-steps reset as non-finite.  excluded: example-steps with invalid targets.
+    """
+
+    params: dict
+    opt_state: Any
+    carry: tuple
+    method_state: tuple
+    grad_acc: Any
+    loss_acc: Array
+    scored: Array
+    step: Array
+    key: Array
+    skipped: Array
+    resets: Array
+    excluded: Array
+
+
+def _finite_rows(tree: PyTree, batch: int, axes: PyTree = 0) -> Array:
+    """``(B,)``: every inexact entry of the example is finite (leaves under a ``None`` axis count
+    for every example)."""
+    ok = jnp.ones((batch,), bool)
+
+    def visit(axis, sub):
+        nonlocal ok
+        for leaf in jax.tree.leaves(sub):
+            if is_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                continue
+            fin = jnp.isfinite(leaf)
+            if axis is None:
+                ok = ok & jnp.all(fin)
+            else:
+                ok = ok & jnp.all(jnp.moveaxis(fin, axis, 0).reshape(batch, -1), axis=1)
+
+    jax.tree.map(visit, axes, tree, is_leaf=lambda x: x is None)
+    return ok
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnlineLearner:
+    """Static configuration of an online learner (hash by identity; close over it under jit).
+
+    Args:
+      model: an :class:`snapjax.OnlineModel`, a sequence of layers, or a single recurrent cell.
+      readout_size: if given, a ``nn.Dense(readout_size)`` head is appended.
+      method: a method name (``"rtrl"``, ``"snap1"``, ``"snapN"``, ``"uoro"``, ``"tbptt"``,
+        ``"activity"``), one name per recurrent stage, or an :class:`OnlineMethod` (single stage).
+      optimizer: any optax transformation.
+      loss: ``"softmax_xent"`` (integer labels), ``"mse"``, a :class:`snapjax.Loss` or a callable
+        ``loss(outputs (B, out), targets) -> (B,)``.
+      update_every: optimizer period ``K`` (steps); default: the methods' period (1, or the
+        TBPTT window).  Must be a multiple of every method's period.
+      masks: static 0/1 masks per projection (one recurrent layer), or ``{"layers_i": {...}}``.
+      n, precision, tbptt_window, chunk: passed to :func:`snapjax.online_method` (``chunk``: run
+        RTRL / SnAp-1 chunk-wise, ``"auto"`` = ``update_every`` when it is > 1).
+      stack: ``"layerwise"`` (one method per recurrent layer) or ``"combined"`` (one stage).
+      encoder: ``"step"`` or ``"exact"`` (see :mod:`snapjax.model`).
+      guard: per-example fault containment (module docstring).
+      skip_unscored_updates: no optimizer call for a period with no scored example.
+      reset_influence: re-initialise the method states after every update.
+    """
+
+    model: Any
+    readout_size: int | None = None
+    method: Any = "snap1"
+    optimizer: optax.GradientTransformation = dataclasses.field(default_factory=lambda: optax.adam(1e-3))
+    loss: Any = "softmax_xent"
+    update_every: int | None = None
+    masks: Any = None
+    n: int | None = None
+    precision: Any = None
+    tbptt_window: int | None = None
+    chunk: int | str | None = None
+    stack: Literal["layerwise", "combined"] = "layerwise"
+    encoder: Literal["step", "exact"] = "step"
+    guard: bool = True
+    skip_unscored_updates: bool = False
+    reset_influence: bool = False
+
+    def __post_init__(self):
+        model = self.model
+        if not isinstance(model, OnlineModel):
+            layers = list(model) if isinstance(model, (list, tuple)) else [model]
+            if self.readout_size is not None:
+                if isinstance(self.readout_size, bool) or not isinstance(self.readout_size, (int, np.integer)) \
+                        or self.readout_size < 1:
+                    raise ValueError(f"readout_size must be a positive int, got {self.readout_size!r}")
+                layers.append(nn.Dense(int(self.readout_size)))
+            model = OnlineModel(layers)
+        elif self.readout_size is not None:
+            raise ValueError("readout_size is only for a cell or a list of layers; add the head to the OnlineModel")
+        stages = model.stages(self.stack, self.encoder)
+        recs = [s for s in stages if s.recurrent]
+        methods = self.method if isinstance(self.method, (list, tuple)) else [self.method] * len(recs)
+        if len(methods) != len(recs):
+            raise ValueError(f"{len(methods)} methods given for {len(recs)} recurrent stages")
+        if any(isinstance(m, OnlineMethod) for m in methods) and len(recs) != 1:
+            raise ValueError("an OnlineMethod object fits one recurrent stage; pass names for a stack")
+        for m in methods:
+            if not isinstance(m, (str, OnlineMethod)):
+                raise ValueError(f"method must be a name or an OnlineMethod, got {type(m).__name__}")
+        self._check_positive("update_every", self.update_every, allow_none=True)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_stages", stages)
+        object.__setattr__(self, "_method_specs", tuple(methods))
+        object.__setattr__(self, "_loss", get_loss(self.loss))
+        object.__setattr__(self, "_cache", {})
+        # validate names (and the TBPTT window) now, not at the first step
+        for m in methods:
+            if isinstance(m, str):
+                from snapjax.methods import parse_method_name
+
+                kind, _ = parse_method_name(m, self.n)
+                if kind == "tbptt" and self.tbptt_window is None:
+                    raise ValueError("method 'tbptt' needs tbptt_window=W")
+        if self.tbptt_window is not None and not any(
+            isinstance(m, str) and m.lower().startswith("tbptt") for m in methods
+        ):
+            raise ValueError("tbptt_window is only used with method='tbptt'")
+
+    @staticmethod
+    def _check_positive(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    # ----------------------------------------------------------- static parts
+    @property
+    def online_model(self) -> OnlineModel:
+        return self._model
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self._stages
+
+    def methods(self, params: PyTree, input_size: int | None = None) -> tuple[OnlineMethod, ...]:
+        """The online method of each recurrent stage, for parameters shaped like ``params``."""
+        sig = jax.tree.map(lambda a: (tuple(jnp.shape(a)), jnp.result_type(a).name), params)
+        key = (str(jax.tree.structure(params)), tuple(jax.tree.leaves(sig, is_leaf=lambda x: isinstance(x, tuple))))
+        if key not in self._cache:
+            with jax.ensure_compile_time_eval():
+                self._cache[key] = self._build_methods(params, input_size)
+        return self._cache[key]
+
+    def _build_methods(self, params, input_size):
+        out, sizes = [], self._input_sizes(params, input_size)
+        recs = [s for s in self._stages if s.recurrent]
+        for stage, spec in zip(recs, self._method_specs):
+            if isinstance(spec, OnlineMethod):
+                out.append(spec)
+                continue
+            chunk = self.chunk
+            if chunk == "auto":
+                chunk = self.update_every if (self.update_every or 1) > 1 else None
+            kw = dict(n=self.n, masks=self._stage_masks(stage), precision=self.precision, input_size=sizes[stage.index])
+            from snapjax.methods import parse_method_name
+
+            kind, n = parse_method_name(spec, self.n)
+            if kind == "tbptt":
+                kw["window"] = self.tbptt_window
+            if chunk is not None and (kind == "rtrl" or (kind == "snap" and n == 1)):
+                kw["chunk"] = chunk
+            out.append(online_method(spec, stage.module, stage.params(params), **kw))
+        periods = [m.period for m in out]
+        K = self.update_every if self.update_every is not None else int(np.lcm.reduce(periods))
+        for m in out:
+            if K % m.period:
+                raise ValueError(f"update_every={K} is not a multiple of {m.name}'s period {m.period}")
+        return tuple(out)
+
+    def period(self, params: PyTree) -> int:
+        """The optimizer period ``K`` in steps."""
+        if self.update_every is not None:
+            return int(self.update_every)
+        return int(np.lcm.reduce([m.period for m in self.methods(params)]))
+
+    def _input_sizes(self, params, input_size) -> dict:
+        """Input size of every layer index (static shapes, by abstract evaluation)."""
+        sizes, size = {}, input_size
+        for stage in self._stages:
+            sizes[stage.index] = size
+            if size is None:
+                continue
+            h = jax.ShapeDtypeStruct((1, size), jnp.float32)
+            p = stage.params(params)
+            if stage.recurrent:
+                rec = stage.module
+                c = jax.eval_shape(lambda p, h: rec.output(rec.apply(p, rec.init_carry(1), h)), p, h)
+            else:
+                c = jax.eval_shape(stage.apply, p, h)
+            size = int(c.shape[-1])
+        return sizes
+
+    def _stage_masks(self, stage: Stage):
+        if self.masks is None:
+            return None
+        masks = self.masks
+        named = isinstance(masks, Mapping) and any(k.startswith("layers_") for k in masks)
+        if not named:
+            recs = [s for s in self._stages if s.recurrent]
+            if len(recs) != 1 or len(stage.names) != 1:
+                raise ValueError("with several recurrent layers pass masks as {'layers_i': {projection: mask}}")
+            return masks
+        if len(stage.names) == 1:
+            return masks.get(stage.names[0])
+        return {n: masks.get(n) for n in stage.names}
+
+    def _param_masks(self, params: PyTree) -> PyTree:
+        """Params-shaped tree of static masks for ``masked_updates`` (``None`` = unmasked)."""
+        out = jax.tree.map(lambda _: None, params)
+        for stage in self._stages:
+            if not stage.recurrent:
+                continue
+            m = self._stage_masks(stage)
+            if m is None:
+                continue
+            per_layer = {stage.names[0]: m} if len(stage.names) == 1 else m
+            for lname, lm in per_layer.items():
+                for proj, mk in (lm or {}).items():
+                    if mk is None:
+                        continue
+                    if lname not in params or proj not in params[lname]:
+                        raise ValueError(
+                            f"mask for unknown projection {proj!r} of {lname}; its parameters are "
+                            f"{sorted(params.get(lname, {}))}"
+                        )
+                    kshape = tuple(np.shape(params[lname][proj]["kernel"]))
+                    mk = np.asarray(mk)
+                    if mk.shape != kshape:
+                        raise ValueError(f"mask {lname}/{proj} has shape {mk.shape}, kernel has shape {kshape}")
+                    if not (mk.dtype == bool or np.isin(mk, (0, 1)).all()):
+                        raise ValueError(f"mask {lname}/{proj} must hold only 0/1 values")
+                    out[lname][proj]["kernel"] = mk.astype(bool)
+        return out
+
+    def transform(self, params: PyTree) -> optax.GradientTransformationExtraArgs:
+        """``chain(optimizer, masked_updates(masks))`` (just the optimizer without masks)."""
+        if not self._has_masks(params):
+            return optax.with_extra_args_support(self.optimizer)
+        return optax.chain(self.optimizer, masked_updates(self._param_masks(params)))
+
+    def _has_masks(self, params: PyTree) -> bool:
+        masks = self._param_masks(params)
+        return any(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+
+    def optimizer_state(self, state: OnlineState) -> PyTree:
+        """The state of the user's ``optimizer`` as they built it."""
+        return state.opt_state[0] if self._has_masks(state.params) else state.opt_state
+
+    @property
+    def loss_fn(self) -> Loss:
+        return self._loss
+
+    # ------------------------------------------------------------------- init
+    def init(self, key: Array, params: PyTree | None = None, *, batch_size: int, input_size: int) -> OnlineState:
+        """Initial state: ``params`` (``None``: initialise every layer; a dict ``{"layers_i": ...}``
+        may give some of them; for a single recurrent cell its own parameters are accepted), zero
+        carries and method states, optimizer state."""
+        batch = check_batch_size(batch_size)
+        self._check_positive("input_size", input_size)
+        key = typed_key(key)
+        k_init, k_state = jax.random.split(key)
+        model = self._model
+        if isinstance(params, Mapping) and set(params) == {"params"}:
+            params = params["params"]
+        given = {}
+        if params is not None:
+            params = dict(params)
+            if all(k.startswith("layers_") for k in params):
+                given = params
+            else:
+                first = model.recurrent_flags.index(True)
+                given = {f"layers_{first}": params}
+        fresh = model.init(k_init, input_size)
+        unknown = set(given) - set(model.names)
+        if unknown:
+            raise ValueError(f"params for unknown layers {sorted(unknown)}; the model has {list(model.names)}")
+        params = {**fresh, **jax.tree.map(jnp.asarray, given)}
+        for name in given:
+            if jax.tree.structure(given[name]) != jax.tree.structure(fresh.get(name)):
+                raise ValueError(f"params[{name!r}] do not have the layer's structure {jax.tree.structure(fresh.get(name))}")
+            for a, b in zip(jax.tree.leaves(given[name]), jax.tree.leaves(fresh[name])):
+                if jnp.shape(a) != jnp.shape(b):
+                    raise ValueError(f"params[{name!r}] leaf of shape {jnp.shape(a)}, the layer expects {jnp.shape(b)}")
+        masks = self._param_masks(params)
+        params = jax.tree.map(lambda p, m: p if m is None else p * jnp.asarray(m, p.dtype), params, masks,
+                              is_leaf=lambda x: x is None)
+        methods = self.methods(params, input_size)
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        K = self.period(params)
+        keys = jax.random.split(k_state, len(methods))
+        zero = jnp.zeros((), jnp.int32)
+        state = OnlineState(
+            params=params,
+            opt_state=self.transform(params).init(params),
+            carry=tuple(m.init_carry(batch, dtype) for m in methods),
+            method_state=tuple(m.init(batch, dtype, key=k) for m, k in zip(methods, keys)),
+            grad_acc=None if K == 1 else jax.tree.map(jnp.zeros_like, params),
+            loss_acc=jnp.zeros((), dtype),
+            scored=jnp.zeros((), bool),
+            step=zero, key=key, skipped=zero, resets=zero, excluded=zero,
+        )
+        # distinct buffers for every leaf (run_jit donates the state; a shared buffer cannot be
+        # donated twice)
+        return jax.tree.map(lambda a: a.copy(), state)
+
+    # ------------------------------------------------------------ the step
+    def _loss_and_cot(self, outputs, y, weight):
+        """Masked mean loss and its cotangent w.r.t. the outputs."""
+        def total(o):
+            per = self._loss(o, y)
+            per = jnp.where(weight > 0, per, 0) * weight
+            return jnp.sum(per) / jnp.maximum(jnp.sum(weight), 1)
+
+        return jax.value_and_grad(total)(outputs)
+
+    def _check_step_inputs(self, state: OnlineState, x, y, mask):
+        batch = jax.tree.leaves(state.carry[0])[0].shape[0]
+        if jnp.ndim(x) != 2 or jnp.shape(x)[0] != batch:
+            raise ValueError(
+                f"x_t must have shape ({batch}, n_in), got {jnp.shape(x)} (chunks are time-major (T, B, n_in))"
+            )
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"inputs must be floating point, got {jnp.result_type(x)}")
+        if mask is not None and jnp.shape(mask) != (batch,):
+            raise ValueError(
+                f"the loss mask must have shape ({batch},) per step, i.e. (T, {batch}) for a chunk "
+                f"(time-major), got {jnp.shape(mask)}"
+            )
+        return batch
+
+    def step(self, state: OnlineState, x_t: Array, y_t: Any, mask_t: Array | None = None, **opt_args):
+        """One time step of online learning (see the module docstring).
+
+        Args:
+          state: :class:`OnlineState`.  x_t: ``(B, n_in)``.  y_t: ``(B,)`` int labels
+          (softmax_xent) or ``(B, out)`` (mse), or what a custom loss takes.
+          mask_t: ``(B,)`` loss weights (0 = no target); ``None`` = all ones.
+          opt_args: extra arguments forwarded to the optimizer's ``update``.
+        Returns:
+          ``(state, outputs (B, out), metrics)``: ``loss``, ``updated``, ``skipped``, ``resets``,
+          ``excluded`` (cumulative counts) and ``aux`` (per-stage method statistics).
+        """
+        x_t = jnp.asarray(x_t)
+        batch = self._check_step_inputs(state, x_t, y_t, mask_t)
+        params = state.params
+        methods = self.methods(params)
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        x_t = x_t.astype(dtype)
+        mask = jnp.ones((batch,), dtype) if mask_t is None else jnp.asarray(mask_t).astype(dtype)
+
+        outputs, recs = forward(self._stages, params, state.carry, state.method_state, x_t, methods)
+        self._loss.check(jax.ShapeDtypeStruct(outputs.shape, outputs.dtype), y_t)
+        valid = jnp.isfinite(self._loss(outputs, y_t))  # a non-finite loss (e.g. overflow) is never trained on
+        if self._loss.valid is not None:
+            valid = valid & self._loss.valid(outputs, y_t)
+        scored = mask > 0
+        weight = jnp.where(valid, mask, 0)
+
+        def loss_and_grads(weight, recs, outputs):
+            loss, cot = self._loss_and_cot(outputs, y_t, weight)
+            stepped = tuple(r[2].state for r in recs if r[2] is not None)
+            grads, states = backward(self._stages, params, recs, cot, methods, stepped)
+            carries = tuple(r[2].carry for r in recs if r[2] is not None)
+            return loss, grads, states, carries
+
+        loss, grads, new_states, carries = loss_and_grads(weight, recs, outputs)
+        resets = jnp.zeros((), jnp.int32)
+        if self.guard:
+            ok = jnp.ones((batch,), bool)
+            for c in carries:
+                ok = ok & _finite_rows(c, batch)
+            bad_any = ~jnp.all(ok) | ~tree_all_finite(grads)
+
+            def slow(_):
+                stepped = tuple(r[2].state for r in recs if r[2] is not None)
+                good = ok & _finite_per_stage(methods, stepped, batch)
+                fixed = contain(recs, good, methods, batch, dtype)
+                out = head_output(self._stages, params, fixed)
+                lo, gr, ns, cs = loss_and_grads(jnp.where(good, weight, 0), fixed, out)
+                skip = ~tree_all_finite(gr)  # still non-finite (e.g. non-finite parameters): drop the step
+                gr = jax.tree.map(lambda g: jnp.where(skip, 0, g), gr)
+                return lo, gr, ns, cs, jnp.sum(~good).astype(jnp.int32), skip, good
+
+            def fast(_):
+                return loss, grads, new_states, carries, jnp.zeros((), jnp.int32), jnp.zeros((), bool), ok
+
+            loss, grads, new_states, carries, resets, skip, good = lax.cond(bad_any, slow, fast, None)
+        else:
+            skip, good = None, jnp.ones((batch,), bool)
+        # scored example-steps left out of the loss for a reason other than a reset
+        excluded = jnp.sum(scored & ~valid & good).astype(jnp.int32)
+        return self._update(state, methods, loss, grads, new_states, carries, scored, resets, excluded, recs,
+                            opt_args, outputs, skip)
+
+    def _update(self, state, methods, loss, grads, new_states, carries, scored, resets, excluded, recs,
+                opt_args, outputs, skip):
+        params = state.params
+        K = self.period(params)
+        grads = {**jax.tree.map(jnp.zeros_like, {k: v for k, v in params.items() if k not in grads}), **grads}
+        grads = {k: grads[k] for k in params}
+        count = state.step + 1
+        any_scored = state.scored | jnp.any(scored)
+        loss_acc = state.loss_acc + loss
+        tx = self.transform(params)
+        acc = grads if state.grad_acc is None else jax.tree.map(jnp.add, state.grad_acc, grads)
+        extra = {"value": loss_acc / K, **opt_args}
+
+        def apply(_):
+            updates, opt_state = tx.update(acc, state.opt_state, params, **extra)
+            return optax.apply_updates(params, updates), opt_state
+
+        def keep(_):
+            return params, state.opt_state
+
+        if K == 1 and not self.skip_unscored_updates and skip is None:
+            new_params, opt_state = apply(None)
+            do_update = jnp.asarray(True)
+        else:
+            period_end = (count % K) == 0
+            do_update = period_end & (any_scored if self.skip_unscored_updates else True)
+            if skip is not None and K == 1:
+                do_update = do_update & ~skip
+            new_params, opt_state = lax.cond(do_update, apply, keep, None)
+            end = period_end
+            acc = jax.tree.map(lambda g: jnp.where(end, 0, g), acc)
+            loss_acc = jnp.where(end, 0, loss_acc)
+            any_scored = jnp.where(end, False, any_scored)
+        if state.grad_acc is None:
+            acc = None
+        if K == 1:
+            loss_acc, any_scored = jnp.zeros_like(loss_acc), jnp.zeros((), bool)
+        if self.reset_influence:
+            batch = jax.tree.leaves(carries[0])[0].shape[0]
+            new_states = tuple(
+                m.reset(s, jnp.broadcast_to(do_update, (batch,))) for m, s in zip(methods, new_states)
+            )
+        skipped = state.skipped + (jnp.zeros((), jnp.int32) if skip is None else skip.astype(jnp.int32))
+        total_resets = state.resets + resets
+        total_excluded = state.excluded + excluded
+        new_state = OnlineState(
+            params=new_params, opt_state=opt_state, carry=carries, method_state=new_states,
+            grad_acc=acc, loss_acc=loss_acc, scored=any_scored, step=count, key=state.key,
+            skipped=skipped, resets=total_resets, excluded=total_excluded,
+        )
+        aux = {s.names[-1]: r[2].aux for s, r in zip(self._stages, recs) if r[2] is not None}
+        metrics = {"loss": loss, "updated": do_update, "skipped": skipped, "resets": total_resets,
+                   "excluded": total_excluded, "aux": aux}
+        return new_state, outputs, metrics
+
+    # -------------------------------------------------------------------- run
+    def run(self, state: OnlineState, xs: Array, ys: Any, masks: Array | None = None, **opt_args):
+        """``lax.scan`` of :meth:`step` over a time-major chunk ``xs (T, B, n_in)``, ``ys (T, B)``
+        or ``(T, B, out)``, ``masks (T, B)``.  Returns ``(state, outputs (T, B, out), metrics)``."""
+        xs = jnp.asarray(xs)
+        batch = jax.tree.leaves(state.carry[0])[0].shape[0]
+        if jnp.ndim(xs) != 3 or jnp.shape(xs)[1] != batch:
+            raise ValueError(
+                f"xs must be time-major (T, {batch}, n_in), got {jnp.shape(xs)}"
+                + (" (batch-major? transpose to (T, B, n_in))" if jnp.ndim(xs) == 3 and jnp.shape(xs)[0] == batch else "")
+            )
+        T = xs.shape[0]
+        for leaf in jax.tree.leaves(ys):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != T:
+                raise ValueError(f"targets must be time-major with leading axis T={T}, got shape {jnp.shape(leaf)}")
+        if masks is not None and jnp.shape(masks) != (T, batch):
+            raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
+
+        def body(st, inp):
+            x, y, m = inp
+            st, out, metrics = self.step(st, x, y, m, **opt_args)
+            return st, (out, metrics)
+
+        state, (outs, metrics) = lax.scan(body, state, (xs, ys, masks))
+        return state, outs, metrics
+
+    @functools.cached_property
+    def run_jit(self) -> Callable:
+        """``jax.jit(self.run, donate_argnums=0)`` (the passed-in state's buffers are donated)."""
+        return jax.jit(self.run, donate_argnums=0)
+
+    # ----------------------------------------------------------- forward only
+    def predict(self, state_or_params: Any, xs: Array, carry: tuple | None = None):
+        """Forward only: ``(outputs (T, B, out), final carry)``; parameters unchanged.
+
+        Args:
+          state_or_params: an :class:`OnlineState` or the parameter dict.
+          xs: ``(T, B, n_in)``.  carry: initial carries (default: zeros).
+        """
+        params = state_or_params.params if isinstance(state_or_params, OnlineState) else state_or_params
+        xs = jnp.asarray(xs)
+        if jnp.ndim(xs) != 3:
+            raise ValueError(f"xs must be time-major (T, B, n_in), got {jnp.shape(xs)}")
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        recs = [s for s in self._stages if s.recurrent]
+        if carry is None:
+            carry = tuple(s.module.init_carry(xs.shape[1], dtype) for s in recs)
+
+        def body(cs, x):
+            return forward_only(self._stages, params, cs, x.astype(dtype))
+
+        carry, outs = lax.scan(body, tuple(carry), xs)
+        return outs, carry
+
+    def evaluate(self, state_or_params: Any, xs: Array, ys: Any, masks: Array | None = None, carry=None) -> dict:
+        """Forward-only loss: ``{"loss": mean over scored valid example-steps, "per_step": (T,),
+        "excluded": invalid scored targets, "carry": final carries}``."""
+        outs, carry = self.predict(state_or_params, xs, carry)
+        T, B = outs.shape[:2]
+        masks = jnp.ones((T, B), outs.dtype) if masks is None else jnp.asarray(masks, outs.dtype)
+        per = jax.vmap(self._loss.fn)(outs, ys)
+        valid = jax.vmap(self._loss.valid)(outs, ys) if self._loss.valid else jnp.isfinite(per)
+        w = jnp.where(valid, masks, 0)
+        per = jnp.where(w > 0, per, 0) * w
+        return {"loss": per.sum() / jnp.maximum(w.sum(), 1), "per_step": per.sum(1) / jnp.maximum(w.sum(1), 1),
+                "excluded": jnp.sum((masks > 0) & ~valid), "carry": carry}
+
+    def reset_carry(self, state: OnlineState, batch_mask: Array | None = None) -> OnlineState:
+        """Zero the carries and re-initialise the method states of the examples in
+        ``batch_mask`` (``(B,)`` bool; ``None`` = all), e.g. between sequences."""
+        methods = self.methods(state.params)
+        batch = jax.tree.leaves(state.carry[0])[0].shape[0]
+        where = jnp.ones((batch,), bool) if batch_mask is None else jnp.asarray(batch_mask, bool)
+        if jnp.shape(where) != (batch,):
+            raise ValueError(f"batch_mask must have shape ({batch},), got {jnp.shape(where)}")
+        dtype = jnp.result_type(*jax.tree.leaves(state.params))
+        carry = tuple(select_examples(where, m.init_carry(batch, dtype), c, 0) for m, c in zip(methods, state.carry))
+        ms = tuple(m.reset(s, where) for m, s in zip(methods, state.method_state))
+        return state._replace(carry=carry, method_state=ms)
+
+
+def _finite_per_stage(methods, states, batch) -> Array:
+    ok = jnp.ones((batch,), bool)
+    for m, s in zip(methods, states):
+        ok = ok & _finite_rows(s, batch, m.batch_axes())
+    return ok

@@ -1,0 +1,148 @@
+"""Online gradient methods behind one interface (:class:`OnlineMethod`), built by name.
+
+==================  ========================================================================
+name                method
+==================  ========================================================================
+``"rtrl"``          exact RTRL (compressed Jacobians; dense per-example Jacobians for
+                    generic cells); with ``chunk=K`` the exact forward-backward hybrid
+``"snap1"`` ...     SnAp-n (``"snapN"``, or ``"snap"`` with ``n=N``); ``n >= k`` is RTRL;
+                    ``"snap1"`` with ``chunk=K`` is chunked SnAp-1
+``"uoro"``          UORO, rank-one unbiased estimate (any cell)
+``"tbptt"``         truncated BPTT over windows of ``window`` steps (any cell)
+``"activity"``      exact RTRL that skips silent units (activity-sparse cells such as EGRU)
+==================  ========================================================================
+
+Example::
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+    >>> cell = nn.LSTMCell(3)
+    >>> params = cell.init(jax.random.key(0), cell.initialize_carry(jax.random.key(1), (1, 2)),
+    ...                    jnp.zeros((1, 2)))["params"]
+    >>> [sj.online_method(m, cell, params, window=4).period for m in ("rtrl", "snap2", "uoro", "tbptt")]
+    [1, 1, 1, 4]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from snapjax.methods.base import OnlineMethod, StepResult, select_examples
+from snapjax.recurrent import Recurrent, as_recurrent
+
+PyTree = Any
+
+__all__ = ["OnlineMethod", "StepResult", "online_method", "parse_method_name", "select_examples"]
+
+
+def parse_method_name(name: str, n: int | None = None) -> tuple[str, int | None]:
+    """Normalise a method name to ``(kind, n)``: ``("rtrl", None)``, ``("snap", n)``,
+    ``("uoro", None)``, ``("tbptt", None)`` or ``("activity", None)``.
+
+    Raises:
+      ValueError: unknown name, or an ``n`` that does not fit it.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"method must be a string such as 'snap1', got {type(name).__name__}")
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in ("uoro", "tbptt", "activity", "activityrtrl"):
+        if n is not None:
+            raise ValueError(f"method {name!r} takes no n")
+        return ("activity" if key.startswith("activity") else key), None
+    from snapjax.influence import parse_method
+
+    try:
+        return parse_method(name, n)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; known methods: 'rtrl', 'snap1', 'snap2', 'snapN', 'uoro', 'tbptt', 'activity'"
+        ) from None
+
+
+def _shapes(params: PyTree) -> PyTree:
+    with jax.ensure_compile_time_eval():
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jax.numpy.result_type(a)), params)
+
+
+def online_method(
+    name: str,
+    cell: Any,
+    params: PyTree,
+    *,
+    n: int | None = None,
+    masks: Mapping[str, Any] | None = None,
+    precision: Any = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    layout: str | None = None,
+    block: int | float | None = None,
+    eps: float = 1e-7,
+    input_size: int | None = None,
+    verify: bool = True,
+) -> OnlineMethod:
+    """Build the online method ``name`` for ``cell`` with parameters shaped like ``params``.
+
+    Args:
+      name: see the module table (``"rtrl"``, ``"snap1"``, ``"snapN"``, ``"uoro"``, ``"tbptt"``,
+        ``"activity"``).
+      cell: a snapjax cell, a flax.linen cell, a :class:`snapjax.CellSpec`, a
+        :class:`snapjax.Recurrent`, or any flax.linen module ``(carry, x) -> (carry, y)``.
+      params: the cell's parameters (``variables['params']``); only shapes and dtypes are read.
+      n: SnAp order with ``name="snap"``.
+      masks: static 0/1 masks per projection name (parameter sparsity).
+      precision: matmul precision of the propagation (``"highest"`` for full float32 on GPUs).
+      window: truncated BPTT window (``"tbptt"`` only).
+      chunk: ``K > 1`` runs exact RTRL / SnAp-1 chunk-wise (forward-backward hybrid): the
+        gradient is complete every ``K`` steps (``period == K``), and parameters must be held
+        fixed within a chunk (update every ``K`` steps).
+      layout: SnAp-n storage override (``"table"`` or ``"dense"``).
+      block: units per block of the activity-sparse method.
+      eps: UORO's stabiliser.
+      input_size: ``n_in`` for truncated BPTT on a generic cell (read from ``params`` otherwise).
+      verify: check a user :class:`snapjax.CellSpec` against ``jax.jvp`` of its step before use.
+
+    Raises:
+      ValueError: unknown method, option that does not apply, unsupported cell, a user cell
+        whose compressed Jacobians disagree with autodiff.
+    """
+    kind, n = parse_method_name(name, n)
+    rec = as_recurrent(cell)
+    if window is not None and kind != "tbptt":
+        raise ValueError(f"window= is only for 'tbptt', not {name!r}")
+    if chunk is not None and not (kind == "rtrl" or (kind == "snap" and n == 1)):
+        raise ValueError(f"chunk= is only for 'rtrl' and 'snap1', not {name!r}")
+    if kind == "tbptt":
+        from snapjax.methods.tbptt import TBPTT
+
+        if window is None:
+            raise ValueError("method 'tbptt' needs window=W (W >= 1)")
+        return TBPTT.build(rec, params, window=window, masks=masks, precision=precision, input_size=input_size)
+    if kind == "uoro":
+        from snapjax.uoro import uoro_method
+
+        return uoro_method(rec, params, masks=masks, eps=eps, precision=precision)
+    if rec.spec is None:
+        if kind == "activity" or chunk is not None:
+            raise ValueError(f"{rec.name}: {name!r} needs a cell with a compressed form (CellSpec)")
+        from snapjax.methods.generic import dense_method
+
+        return dense_method(rec, params, n=n, masks=masks, precision=precision)
+    if verify:
+        from snapjax.cells import verify_spec
+
+        verify_spec(rec.spec, params, masks)
+    if kind == "activity":
+        from snapjax.activity import activity_method
+
+        return activity_method(rec, params, masks=masks, block=block, precision=precision)
+    if chunk is not None and int(chunk) > 1:
+        from snapjax.methods.chunked import chunked_method
+
+        return chunked_method(rec, params, n=n, chunk=int(chunk), masks=masks, precision=precision)
+    from snapjax.influence import influence_tracker
+    from snapjax.methods.compressed import CompressedInfluence
+
+    tracker = influence_tracker(rec.spec, _shapes(params), kind, n, masks=masks, precision=precision, layout=layout)
+    return CompressedInfluence(rec, tracker, "rtrl" if kind == "rtrl" else f"snap{n}")

@@ -1,0 +1,398 @@
+"""Chunked forward-backward hybrid: exact RTRL and SnAp-1 touching the influence once per chunk.
+
+(Williams & Peng 1990; Schmidhuber 1992.)  When the parameters are frozen over a chunk of ``K``
+steps ``t0+1 … t0+K`` (the optimizer steps every ``K`` steps), the influence ``J`` is only needed
+at chunk boundaries.  During the chunk :meth:`ChunkedInfluence.step` runs the cell forward and
+buffers per step only state-sized factors (input ``x_τ``, read-out ``h_{τ-1}``, the unit-wise
+derivatives of :func:`snapjax.jacobians.step_jacobians`), and :meth:`~ChunkedInfluence.gradient`
+buffers the cotangent ``c_τ = ∂L_τ/∂s_τ``.  At the chunk's last step a backward sweep computes,
+with ``D_τ``, ``I_τ`` the step Jacobians,
+
+* ``δ_τ = c_τ + D_{τ+1}ᵀ δ_{τ+1}`` (the BPTT adjoint) and ``Φ_τ = D_K ⋯ D_{τ+1}`` (``Φ_K = I``);
+* the chunk gradient ``Σ_τ δ_τᵀ I_τ + (D_{t0+1}ᵀ δ_{t0+1})ᵀ J_{t0}``, i.e.
+  ``Σ_{τ,b} v_τ[b, j] (δ_τ ⊙ ∂φ/∂a_p)[b, i]`` for a kernel entry ``(j, i)`` (one BPTT-style
+  matmul, never a ``k × p`` matrix) plus the engine's contraction of ``J_{t0}``;
+* the new influence ``J_{t0+K} = Φ_{t0} J_{t0} + Σ_τ Φ_τ I_τ``; ``I_τ`` of a kernel entry is
+  the outer product ``(∂φ_i/∂a_{p,i}) v_τ[j]`` so the sum is one contraction over ``τ`` per
+  example: ``Σ_τ v_τ[b, j] G_τ[b, i, :]`` with ``G_τ[b, i, :] = Φ_τ[b, :, i] ∂φ_i/∂a_{p,i}``.
+
+Exact RTRL (``n=None``) uses the full per-example ``D`` (``k × k``): per step ``O(k³ + k·p)``
+plus ``O(k²·p)/K`` for ``Φ_{t0} J_{t0}``, instead of ``O(k²·p)``.  SnAp-1 (``n=1``) uses the
+diagonal blocks of ``D`` (``m × m`` per unit, ``m = 2`` for LSTM/EGRU): ``Φ`` is block-diagonal,
+``δ`` an elementwise recursion, and the cost is about BPTT's plus the influence traffic over
+``K``.  SnAp-1's per-step masking ``J_t = (D_t J_{t-1} + I_t) ⊙ M_1`` is reproduced exactly with
+``D̃ = M_1 D`` per pattern group (LSTM output-gate parameters never reach ``c``).
+
+The influence is stored in the per-step engine's compressed layout
+(:func:`snapjax.influence.influence_tracker`: ``"dense"`` for RTRL, ``"diag"`` for SnAp-1; masked
+kernels stored compressed), so after every chunk ``J`` equals the per-step method's ``J`` and
+either method can continue the other's stream.  Memory: the influence plus ``K`` state-sized
+buffers (flat in stream length); the close also holds the ``K`` matrices ``Φ_τ`` (RTRL:
+``K·k²`` per example).  Masked kernels are contracted densely and gathered to the stored rows.
+
+Streams: a ragged last chunk is closed with :meth:`ChunkedInfluence.flush` (gradient of the
+steps seen so far, ``J`` advanced to the current step; call it after a step's ``gradient``).
+Per-example resets are exact: :meth:`ChunkedInfluence.reset` marks that the chain is cut before
+the example's next step (the buffered factors are those of the steps actually taken, so no
+forward replay is needed); steps before the reset keep their gradient through ``J_{t0}``.
+
+Example (float32 GRU, exact RTRL in chunks of 4)::
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+    >>> cell = nn.GRUCell(3)
+    >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
+    >>> method = sj.online_method("rtrl", cell, params, chunk=4)
+    >>> carry, state = method.init_carry(2), method.init(2)
+    >>> for t in range(4):
+    ...     carry, state, _ = method.step(params, carry, state, jnp.ones((2, 2)))
+    ...     grads, state = method.gradient(params, state, carry)   # complete at t = 3
+    >>> method.period, int(state.pos), bool(jnp.any(grads["hn"]["kernel"] != 0))
+    (4, 0, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from snapjax.cells import masked_kernel
+from snapjax.influence import InfluenceTracker, influence_tracker
+from snapjax.jacobians import StepJacobians, dense_dynamics, step_jacobians
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
+from snapjax.recurrent import Recurrent, as_recurrent
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["ChunkedState", "ChunkedInfluence", "chunked_method"]
+
+
+class ChunkedState(NamedTuple):
+    """State of a chunked method (``K`` chunk length, ``B`` batch, ``U`` units, ``m`` components
+    per unit, ``P`` projections, ``Q`` unit parameters).  Buffers are time-major (batch axis 1).
+
+    Attributes:
+      influence: ``J`` at the last chunk boundary, engine layout (batch axis 0).
+      xs: inputs ``(K, B, n_in)``.  hs: read-outs ``h_{τ-1}`` ``(K, B, U)``.
+      dpre, dunit, dstate: ``∂φ/∂a`` ``(K, B, U, m, P)``, ``∂φ/∂θᵘ`` ``(K, B, U, m, Q)``,
+        ``∂φ/∂s`` ``(K, B, U, m, m)`` of each step.
+      cot: cotangents ``c_τ`` ``(K, B, U, m)``.
+      cut: ``(K, B)`` bool, the chain is cut before step ``τ`` (a reset).
+      pending: ``(B,)`` a reset requested before the next step.  drop: ``(B,)`` a reset came
+        between a step and its ``gradient`` (that step's cotangent is dropped).
+      stepped: bool scalar, a step awaits its ``gradient``.  pos: int32 scalar, slot of the
+        next step in the chunk.
+    """
+
+    influence: PyTree
+    xs: Array
+    hs: Array
+    dpre: Array
+    dunit: Array
+    dstate: Array
+    cot: Array
+    cut: Array
+    pending: Array
+    drop: Array
+    stepped: Array
+    pos: Array
+
+
+def _bcast(flag: Array, ndim: int, axis: int = 0) -> Array:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return jnp.reshape(flag, shape)
+
+
+def _zero_examples(tree: PyTree, where: Array) -> PyTree:
+    return jax.tree.map(lambda a: jnp.where(_bcast(where, a.ndim), jnp.zeros((), a.dtype), a), tree)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkedInfluence(OnlineMethod):
+    """Exact RTRL or SnAp-1 run chunk-wise (build with ``snapjax.online_method(..., chunk=K)``
+    or :func:`chunked_method`); see the module docstring.
+
+    Attributes:
+      cell: the cell.  tracker: the per-step engine (layout, masks, patterns, precision).
+      chunk: ``K``.  param_dtype: dtype of the parameters (buffers are at least this wide).
+      pattern_sets: static ``((pattern (U, m) or None, group names), ...)``: groups sharing
+        SnAp-1's component pattern share one backward sweep.  name: e.g. ``"rtrl-chunk32"``.
+    """
+
+    cell: Recurrent
+    tracker: InfluenceTracker
+    chunk: int
+    param_dtype: Any
+    pattern_sets: tuple
+    name: str
+
+    # ------------------------------------------------------------------ state
+    @property
+    def period(self) -> int:
+        return self.chunk
+
+    def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> ChunkedState:
+        """``J_0 = 0`` stored in ``dtype`` (``jnp.bfloat16`` halves it) and empty buffers in
+        ``promote_types(dtype, param dtype)``."""
+        del key
+        b = check_batch_size(batch_size)
+        J = self.tracker.init(b, dtype)
+        bdt = jnp.promote_types(dtype, self.param_dtype)
+        spec, K = self.tracker.spec, self.chunk
+        U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
+        z = lambda *s: jnp.zeros(s, bdt)  # noqa: E731
+        flags = jnp.zeros((b,), bool)
+        return ChunkedState(J, z(K, b, self.tracker.n_in), z(K, b, U), z(K, b, U, m, P), z(K, b, U, m, Q),
+                            z(K, b, U, m, m), z(K, b, U, m), jnp.zeros((K, b), bool), flags, flags,
+                            jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+
+    def batch_axes(self) -> ChunkedState:
+        return ChunkedState(influence=0, xs=1, hs=1, dpre=1, dunit=1, dstate=1, cot=1, cut=1,
+                            pending=0, drop=0, stepped=None, pos=None)
+
+    def num_stored(self) -> int:
+        spec = self.tracker.spec
+        U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
+        return self.tracker.num_stored() + self.chunk * (self.tracker.n_in + U + U * m * (P + Q + m + 1))
+
+    def to_dense(self, state: ChunkedState) -> PyTree:
+        """``J`` at the last chunk boundary expanded to ``(B, *param_shape, units, m)``."""
+        return self.tracker.to_dense(state.influence)
+
+    def _check_batch(self, state: ChunkedState, what: str, got: tuple) -> int:
+        spec = self.tracker.spec
+        batch = int(jnp.shape(state.pending)[0])
+        if tuple(got) != (batch, spec.units, spec.state_dim):
+            raise ValueError(f"{what} must match carry shape ({batch}, {spec.units}) per component "
+                             f"(internal {(batch, spec.units, spec.state_dim)}), got internal {tuple(got)}")
+        return batch
+
+    # ------------------------------------------------------------------- step
+    def step(self, params: PyTree, carry: PyTree, state: ChunkedState, x: Array) -> StepResult:
+        spec, tr = self.tracker.spec, self.tracker
+        s = spec.to_internal(carry)
+        batch = self._check_batch(state, "carry", jnp.shape(s))
+        x = jnp.asarray(x)
+        if jnp.shape(x) != (batch, tr.n_in) or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"x must be a float array of shape ({batch}, {tr.n_in}), got {x.dtype}{jnp.shape(x)}")
+        jac = step_jacobians(spec, params, s, x, tr.masks, tr.precision)
+        pos = state.pos
+
+        def put(buf, v):
+            return lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), pos, 0)
+
+        new = state._replace(
+            xs=put(state.xs, x), hs=put(state.hs, jac.inputs["state"]), dpre=put(state.dpre, jac.dphi_pre),
+            dunit=put(state.dunit, jac.dphi_unit), dstate=put(state.dstate, jac.dphi_state),
+            cut=put(state.cut, state.pending), pending=jnp.zeros_like(state.pending), stepped=jnp.ones((), bool),
+        )
+        return StepResult(spec.from_internal(jac.new_state), new, {})
+
+    def gradient(self, params: PyTree, state: ChunkedState, dloss_dcarry: PyTree) -> tuple[PyTree, ChunkedState]:
+        """Buffer ``c_τ``; at the chunk's last step return the chunk gradient and advance ``J``
+        (``lax.cond``: the heavy part runs only then), zeros otherwise."""
+        spec = self.tracker.spec
+        c = spec.to_internal(dloss_dcarry)
+        self._check_batch(state, "dloss_dcarry", jnp.shape(c))
+        c = jnp.where(state.drop[:, None, None], 0, c)
+        pos = state.pos
+        state = state._replace(cot=lax.dynamic_update_index_in_dim(state.cot, c.astype(state.cot.dtype), pos, 0),
+                               stepped=jnp.zeros((), bool))
+        end = pos == self.chunk - 1
+        grads, J = lax.cond(end, lambda st: self._close(params, st, None),
+                            lambda st: (self._zeros(params), st.influence), state)
+        J = _zero_examples(J, state.drop & end)  # reset after the chunk's last step: J_t = 0
+        new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
+        return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos)
+
+    def flush(self, params: PyTree, state: ChunkedState) -> tuple[PyTree, ChunkedState]:
+        """Close a partial chunk: the gradient of the ``pos`` steps buffered since the last
+        boundary (their ``gradient`` calls returned zeros) and ``J`` advanced to the current
+        step, which becomes a chunk boundary (``pos = 0``).  Zeros and no change when
+        ``pos == 0``.  Call it after a step's ``gradient`` (e.g. at the end of a stream whose
+        length is not a multiple of ``K``)."""
+        n = state.pos
+        grads, J = lax.cond(n > 0, lambda st: self._close(params, st, n),
+                            lambda st: (self._zeros(params), st.influence), state)
+        return grads, state._replace(influence=J, pos=jnp.zeros((), jnp.int32))
+
+    def reset(self, state: ChunkedState, where: Array, *, key: Array | None = None) -> ChunkedState:
+        """Restart the examples in ``where`` (their carry is zeroed by the caller): the chain is
+        cut before their next step, and if called between a step and its ``gradient`` that
+        step's cotangent is dropped (as the per-step methods' ``J_t = 0``).  At a chunk boundary
+        ``J`` itself is zeroed; mid-chunk it is kept for the earlier steps' gradient."""
+        del key
+        where = jnp.asarray(where, bool)
+        if jnp.shape(where) != jnp.shape(state.pending):
+            raise ValueError(f"where must have shape {jnp.shape(state.pending)}, got {jnp.shape(where)}")
+        return state._replace(influence=_zero_examples(state.influence, where & (state.pos == 0)),
+                              pending=state.pending | where, drop=state.drop | (where & state.stepped))
+
+    # -------------------------------------------------------------- the close
+    def _zeros(self, params: PyTree) -> PyTree:
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def _close(self, params: PyTree, st: ChunkedState, n: Array | None) -> tuple[PyTree, PyTree]:
+        """Chunk gradient and ``J_{t0+n}`` from the buffers (``n=None``: all ``K`` slots)."""
+        spec, tr, K = self.tracker.spec, self.tracker, self.chunk
+        prec, m = tr.precision, spec.state_dim
+        if n is not None:  # unused slots become identity steps: D = I, I = 0, c = 0
+            valid = jnp.arange(K) < n
+            keep = lambda a, fill=0: jnp.where(_bcast(valid, a.ndim), a, fill)  # noqa: E731
+            st = st._replace(xs=keep(st.xs), hs=keep(st.hs), dpre=keep(st.dpre), dunit=keep(st.dunit),
+                             dstate=keep(st.dstate, jnp.eye(m, dtype=st.dstate.dtype)), cot=keep(st.cot),
+                             cut=st.cut & valid[:, None])
+        J, B, U = st.influence, st.cot.shape[1], spec.units
+        names = [p.name for p in spec.projections] + list(spec.unit_params)
+        source = {p.name: p.source for p in spec.projections}
+        d_all = jnp.concatenate([st.dpre, st.dunit], axis=-1)  # (K, B, U, m, P + Q)
+        grads, new_J = {}, {}
+        for pattern, groups in self.pattern_sets:
+            idx = np.asarray([names.index(g) for g in groups])
+            d = d_all if len(idx) == len(names) else d_all[..., idx]  # (K, B, U, m, G)
+            if tr.layout == "diag":
+                delta, e, phis, phi0, dead = self._backward_diag(params, st, pattern)  # Φ (K, B, U, m, m)
+                G = (phis[:, :, None] * jnp.moveaxis(d, -1, 2)[..., None, :]).sum(-1)  # (K, B, G, U, m)
+            else:
+                delta, e, phis, phi0, dead = self._backward_dense(params, st)  # Ψ = Φᵀ (K, B, k, k)
+                psi = phis.reshape(K, B, 1, U, m, U * m)
+                G = (psi * jnp.moveaxis(d, -1, 2)[..., None]).sum(4)  # (K, B, G, U, k)
+            # G[τ, b, g, i, :] = Φ_τ[b, :, (i, c)] ∂φ_{i,c}/∂a_{g,i} summed over c: Φ_τ I_τ per unit i
+            g_j = tr.gradient(J, e)  # (D_{t0+1}ᵀ δ_{t0+1})ᵀ J_{t0}, the engine's contraction
+            w = (delta[..., None] * d).sum(3)  # (K, B, U, G): δ_τ ⊙ ∂φ/∂a_g
+            w_sum, G_sum = w.sum((0, 1)), G.sum(0)
+            for src, v in (("input", st.xs), ("state", st.hs)):
+                sel = [j for j, g in enumerate(groups) if source.get(g) == src]
+                if not sel:
+                    continue
+                g_k = jnp.einsum("tbl,tbip->pli", v, w[..., np.asarray(sel)], precision=prec)
+                a_k = jnp.einsum("tbl,tbpn->blpn", v, G[:, :, np.asarray(sel)].reshape(K, B, len(sel), -1),
+                                 precision=prec)  # (B, n_in, G_src, U·W·m): Σ_τ v_τ ⊗ Φ_τ I_τ
+                for q, j in enumerate(sel):
+                    name, lay = groups[j], tr.kernels[groups[j]]
+                    kern = g_k[q] if tr.masks[name] is None else g_k[q] * jnp.asarray(tr.masks[name], g_k.dtype)
+                    grads[name] = {"kernel": kern + g_j[name]["kernel"]}
+                    add = a_k[:, :, q].reshape(B, -1, U, G.shape[-1])
+                    if lay.rows is not None:  # gather the stored rows of a masked kernel
+                        cols = np.broadcast_to(np.arange(U), lay.rows.shape)
+                        add = jnp.where(jnp.asarray(lay.valid)[None, :, :, None], add[:, lay.rows, cols], 0)
+                    new_J[name] = {"kernel": self._advance(J[name]["kernel"], phi0, dead, add)}
+            for j, name in enumerate(groups):  # biases and unit parameters: I_τ = ∂φ_i/∂a_i
+                if name in source and not spec.projection(name).use_bias:
+                    continue
+                g_b, J_b = (g_j[name]["bias"], J[name]["bias"]) if name in source else (g_j[name], J[name])
+                g_b, J_b = w_sum[:, j] + g_b, self._advance(J_b, phi0, dead, G_sum[:, j][:, None])
+                if name in source:
+                    grads[name]["bias"], new_J[name]["bias"] = g_b, J_b
+                else:
+                    grads[name], new_J[name] = g_b, J_b
+        grads = jax.tree.map(lambda a, p: a.astype(jnp.result_type(p)), grads, params)
+        return grads, new_J
+
+    def _backward_diag(self, params: PyTree, st: ChunkedState, pattern):
+        """SnAp-1 sweep with the diagonal blocks ``D̃ = M ⊙ diag-blocks(D)`` (``(B, U, m, m)``)."""
+        spec, tr = self.tracker.spec, self.tracker
+        idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
+        diag = [jnp.diagonal(masked_kernel(params, spec.projections[j].name, tr.masks)) for j in idx]
+        rec = sum(st.dpre[..., j] * w[:, None] for j, w in zip(idx, diag))  # (K, B, U, m)
+        dii = st.dstate.at[..., spec.readout].add(rec.astype(st.dstate.dtype))
+        if pattern is not None:
+            dii = dii * jnp.asarray(pattern[:, :, None], dii.dtype)
+        B, U, m = st.cot.shape[1:]
+
+        def body(carry, inp):
+            g, phi, dead = carry  # D_{τ+1}ᵀ δ_{τ+1}, Φ_τ, cut after τ
+            d, c, cut = inp
+            delta = c + g
+            g_new = jnp.where(cut[:, None, None], 0, (d * delta[..., None]).sum(-2))
+            dead = dead | cut
+            phi_new = jnp.where(dead[:, None, None, None], 0, (phi[..., None] * d[:, :, None]).sum(-2))
+            return (g_new, phi_new, dead), (delta, phi)
+
+        eye = jnp.broadcast_to(jnp.eye(m, dtype=dii.dtype), (B, U, m, m))
+        init = (jnp.zeros((B, U, m), dii.dtype), eye, jnp.zeros((B,), bool))
+        (e, phi0, dead), (delta, phis) = lax.scan(body, init, (dii, st.cot, st.cut), reverse=True)
+        return delta, e, phis, phi0, dead
+
+    def _backward_dense(self, params: PyTree, st: ChunkedState):
+        """Exact sweep with the full ``D`` (``(B, k, k)``); returns ``Ψ_τ = Φ_τᵀ``."""
+        spec, tr = self.tracker.spec, self.tracker
+        B, U, m = st.cot.shape[1:]
+        k = U * m
+
+        def body(carry, inp):
+            g, psi, dead = carry
+            dpre, dstate, c, cut = inp
+            D = dense_dynamics(spec, params, StepJacobians(None, dpre, None, dstate, None), tr.masks)
+            D = D.reshape(B, k, k).astype(psi.dtype)
+            delta = c.reshape(B, k) + g
+            g_new = jnp.where(cut[:, None], 0, jnp.einsum("bkj,bk->bj", D, delta, precision=tr.precision))
+            dead = dead | cut
+            psi_new = jnp.matmul(jnp.swapaxes(D, 1, 2), psi, precision=tr.precision)  # (Φ_τ D_τ)ᵀ
+            psi_new = jnp.where(dead[:, None, None], 0, psi_new)
+            return (g_new, psi_new, dead), (delta.reshape(B, U, m), psi)
+
+        dt = st.cot.dtype
+        init = (jnp.zeros((B, k), dt), jnp.broadcast_to(jnp.eye(k, dtype=dt), (B, k, k)), jnp.zeros((B,), bool))
+        (e, psi0, dead), (delta, psis) = lax.scan(body, init, (st.dpre, st.dstate, st.cot, st.cut), reverse=True)
+        return delta, e.reshape(B, U, m), psis, psi0, dead
+
+    def _advance(self, J: Array, phi0: Array, dead: Array, add: Array) -> Array:
+        """One influence leaf ``J (B, [L,] U, W, m)`` -> ``Φ_{t0} J + add`` (``add`` is
+        ``Σ_τ Φ_τ I_τ``, ``(B, L, U, W·m)``), rounded to ``J``'s storage dtype."""
+        B, U, W, m = J.shape[0], *J.shape[-3:]
+        Jf = J.reshape(B, -1, U, W * m).astype(jnp.promote_types(J.dtype, add.dtype))
+        if self.tracker.layout == "diag":  # Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
+            prop = (phi0[:, None] * Jf[:, :, :, None, :]).sum(-1)
+        else:  # J Φ_{t0}ᵀ: one batched matmul
+            prop = jnp.matmul(Jf.reshape(B, -1, U * m), phi0, precision=self.tracker.precision).reshape(Jf.shape)
+        prop = jnp.where(_bcast(dead, prop.ndim), 0, prop)  # a reset in the chunk: J_{t0} is gone
+        return (prop + add).reshape(J.shape).astype(J.dtype)
+
+
+def _pattern_sets(tracker: InfluenceTracker) -> tuple:
+    spec = tracker.spec
+    groups = [p.name for p in spec.projections] + list(spec.unit_params)
+    if tracker.patterns is None:
+        return ((None, tuple(groups)),)
+    sets: dict[bytes, tuple] = {}
+    for g in groups:
+        pat = np.asarray(tracker.patterns[g])[:, 0, :]  # diag layout: (U, 1, m) -> (U, m)
+        key = pat.tobytes()
+        sets[key] = (pat, sets.get(key, (pat, ()))[1] + (g,))
+    return tuple(sets.values())
+
+
+def chunked_method(
+    cell: Any, params: PyTree, *, n: int | None, chunk: int, masks: Any = None, precision: Any = None
+) -> ChunkedInfluence:
+    """Exact RTRL (``n=None``) or SnAp-1 (``n=1``) in chunks of ``chunk`` steps.
+
+    Args:
+      cell: a compressed cell (:class:`snapjax.Recurrent` with a ``spec``, a snapjax or
+        supported flax cell, a :class:`snapjax.CellSpec`).  params: its parameters (shapes and
+        dtypes only).  chunk: ``K >= 1``; the gradient is complete every ``K`` steps.
+      masks: static 0/1 kernel masks.  precision: matmul precision.
+    Raises:
+      ValueError: ``n`` other than ``None``/1, ``chunk`` not a positive int, a cell without a
+        compressed form.
+    """
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ValueError(f"chunked methods are exact RTRL (n=None) or SnAp-1 (n=1), got n={n!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (steps per chunk), got {chunk!r}")
+    rec = as_recurrent(cell)
+    if rec.spec is None:
+        raise ValueError(f"{rec.name}: chunked RTRL/SnAp-1 needs a cell with a compressed form (CellSpec)")
+    with jax.ensure_compile_time_eval():
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), params)
+    tracker = influence_tracker(rec.spec, shapes, "rtrl" if n is None else "snap", n, masks=masks, precision=precision)
+    pdt = jnp.result_type(*[s.dtype for s in jax.tree.leaves(shapes)])
+    name = f"{'rtrl' if n is None else 'snap1'}-chunk{int(chunk)}"
+    return ChunkedInfluence(rec, tracker, int(chunk), pdt, _pattern_sets(tracker), name)

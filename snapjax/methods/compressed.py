@@ -1,0 +1,78 @@
+"""Exact RTRL and SnAp-n on the compressed Jacobians of a :class:`snapjax.CellSpec` cell.
+
+The influence ``J_t = (D_t J_{t-1} + I_t) ⊙ M_n`` (``M_n`` all ones for RTRL) is stored per
+parameter leaf in one of three layouts chosen by :func:`snapjax.influence.influence_tracker`
+(``diag`` for SnAp-1: ``B × p`` floats updated elementwise with ``diag(D)``; ``table`` for sparse
+SnAp-n: a padded neighbour table and batched small matmuls; ``dense`` for RTRL: one batched
+matmul with the per-example ``D``).  The engine works on a private ``(B, units, m)`` state
+layout; this class converts to and from the flax carry, so users only ever see flax layouts.
+
+Cost per example and step (``k`` state size, ``p`` parameters, ``d`` density): SnAp-1 ``O(d(k²
++ p))`` like BPTT, SnAp-n ``O(p K²)`` with ``K`` the neighbour-table width, RTRL ``O(k² p)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from snapjax.influence import InfluenceTracker
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
+from snapjax.recurrent import Recurrent
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["InfluenceState", "CompressedInfluence"]
+
+
+class InfluenceState(NamedTuple):
+    """State of RTRL / SnAp-n: ``influence``, one leaf per parameter leaf, batch axis 0
+    (compressed layout, see :mod:`snapjax.influence`; ``method.to_dense`` expands it)."""
+
+    influence: PyTree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompressedInfluence(OnlineMethod):
+    """RTRL or SnAp-n for a compressed cell (build with ``snapjax.online_method``).
+
+    Attributes:
+      cell: the cell.  tracker: the engine (static storage layout, pattern, masks).
+      name: ``"rtrl"`` or ``"snapN"``.
+    """
+
+    cell: Recurrent
+    tracker: InfluenceTracker
+    name: str
+
+    def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> InfluenceState:
+        del key  # deterministic
+        return InfluenceState(self.tracker.init(check_batch_size(batch_size), dtype))
+
+    def batch_axes(self) -> InfluenceState:
+        return InfluenceState(influence=0)
+
+    def num_stored(self) -> int:
+        return self.tracker.num_stored()
+
+    def pattern_count(self) -> int:
+        """Entries of the SnAp-n pattern per example (RTRL: all ``k·p``)."""
+        return self.tracker.pattern_count()
+
+    def step(self, params: PyTree, carry: PyTree, state: InfluenceState, x: Array) -> StepResult:
+        spec = self.tracker.spec
+        s, J = self.tracker.step(params, spec.to_internal(carry), state.influence, x)
+        return StepResult(spec.from_internal(s), InfluenceState(J), {})
+
+    def gradient(self, params: PyTree, state: InfluenceState, dloss_dcarry: PyTree) -> tuple[PyTree, InfluenceState]:
+        del params
+        spec = self.tracker.spec
+        return self.tracker.gradient(state.influence, spec.to_internal(dloss_dcarry)), state
+
+    def to_dense(self, state: InfluenceState) -> PyTree:
+        """The influence expanded to ``(B, *param_shape, units, m)`` per leaf (tests, plots)."""
+        return self.tracker.to_dense(state.influence)

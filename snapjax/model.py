@@ -1,0 +1,313 @@
+"""A whole model for online learning: feed-forward modules and recurrent cells in sequence.
+
+``OnlineModel(layers)`` applies, at every time step ``t``, ``layers[0]``, ``layers[1]``, ... in
+order: a *recurrent* layer (a flax recurrent cell, a snapjax cell, a :class:`snapjax.Recurrent`)
+advances its carry and emits its output; any other ``flax.linen`` module is *feed-forward*
+(``module(h) -> h'``: an encoder, an MLP between recurrent layers, a head).  Parameters are
+``{"layers_0": ..., "layers_1": ...}`` (the names of ``flax.linen.Sequential``).
+
+How gradients reach each parameter (the *stack approximation*, Zucchet et al. 2023):
+
+* each recurrent layer is one **stage** with its own online method (exact RTRL, SnAp-n, UORO,
+  TBPTT...), which carries the influence of the stage's parameters on the stage's state;
+* the loss cotangent at step ``t`` reaches a stage by backpropagation through the layers above
+  it **at step t only**: ``c^l_t = c^{l+1}_t ∂s^{l+1}_t/∂h^l_t``; the paths through the upper
+  layers' *future* states are dropped (so per-layer methods are approximate even with exact
+  RTRL in every layer);
+* feed-forward parameters are trained by backpropagation within the step (``encoder="step"``),
+  or (``encoder="exact"``) the modules below the first recurrent layer join that stage, whose
+  method then carries their influence too (a generic stage: dense per-example Jacobians);
+* ``stack="combined"`` makes one stage of everything from the first to the last recurrent
+  layer (and the encoder with ``encoder="exact"``): exact RTRL on the combined state equals BPTT.
+
+Example::
+
+    >>> import flax.linen as nn
+    >>> model = OnlineModel([nn.Dense(8), nn.GRUCell(16), nn.GRUCell(16), nn.Dense(2)])
+    >>> [s.names for s in model.stages()]
+    [('layers_0',), ('layers_1',), ('layers_2',), ('layers_3',)]
+    >>> [s.names for s in model.stages(stack="combined", encoder="exact")]
+    [('layers_0', 'layers_1', 'layers_2'), ('layers_3',)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from snapjax.methods.base import select_examples
+from snapjax.recurrent import Recurrent, as_recurrent
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["OnlineModel", "Stage", "chain_recurrent", "is_recurrent", "forward", "backward", "forward_only"]
+
+
+def is_recurrent(module: Any) -> bool:
+    """Whether ``module`` is a recurrent layer (a cell) rather than a feed-forward module."""
+    if isinstance(module, Recurrent) or hasattr(module, "spec"):
+        return True
+    if isinstance(module, nn.RNNCellBase):
+        return True
+    try:
+        from snapjax.cells import as_cell_spec
+
+        as_cell_spec(module)
+        return True
+    except ValueError:
+        return False
+
+
+def _ff_apply(module: nn.Module) -> Callable[[PyTree, Array], Array]:
+    def apply(params, h):
+        return module.apply({"params": params}, h) if params is not None else module.apply({}, h)
+
+    return apply
+
+
+def chain_recurrent(items: Sequence[tuple[str, Any, bool]]) -> Recurrent:
+    """One :class:`Recurrent` for a chain of modules ``(name, module, is_recurrent)`` ending with
+    a recurrent one: parameters ``{name: params}``, carry the tuple of the recurrent carries,
+    output the last recurrent output."""
+    if not items or not items[-1][2]:
+        raise ValueError("a recurrent chain must end with a recurrent layer")
+    recs = {name: as_recurrent(m) for name, m, r in items if r}
+    ffs = {name: _ff_apply(m) for name, m, r in items if not r}
+    order = [(name, r) for name, _, r in items]
+    rec_names = [name for name, r in order if r]
+
+    def apply(params, carry, x):
+        h, out = x, []
+        carries = dict(zip(rec_names, carry))
+        for name, r in order:
+            if r:
+                c = recs[name].apply(params[name], carries[name], h)
+                out.append(c)
+                h = recs[name].output(c)
+            else:
+                h = ffs[name](params.get(name), h)
+        return tuple(out)
+
+    def output(carry):
+        return recs[rec_names[-1]].output(carry[-1])
+
+    def init_carry(batch_size, dtype=jnp.float32):
+        return tuple(recs[n].init_carry(batch_size, dtype) for n in rec_names)
+
+    return Recurrent("+".join(n for n, _ in order), apply, output, init_carry, None, tuple(m for _, m, _ in items))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage:
+    """A step of the model: feed-forward (one module) or recurrent (one cell or a chain).
+
+    Attributes:
+      names: parameter keys of the modules in the stage.
+      recurrent: whether the stage has a carry and an online method.
+      module: the feed-forward module, or the stage's :class:`Recurrent`.
+      index: position of the stage's first module in the model.
+    """
+
+    names: tuple[str, ...]
+    recurrent: bool
+    module: Any
+    index: int
+
+    def params(self, params: PyTree) -> PyTree:
+        """This stage's parameters: a single module's own dict, or ``{name: ...}`` for a chain."""
+        if len(self.names) == 1:
+            return params.get(self.names[0])
+        return {n: params[n] for n in self.names if n in params}
+
+    def merge(self, grads: dict, g: PyTree) -> None:
+        if len(self.names) == 1:
+            grads[self.names[0]] = g
+        else:
+            grads.update(g)
+
+    def apply(self, p: PyTree, h: Array) -> Array:
+        return _ff_apply(self.module)(p, h)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnlineModel:
+    """A sequence of feed-forward and recurrent layers (see the module docstring).
+
+    Args:
+      layers: modules applied in order at every step; at least one is recurrent.
+    """
+
+    layers: tuple
+
+    def __init__(self, layers: Sequence[Any]):
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("OnlineModel needs at least one layer")
+        flags = tuple(is_recurrent(m) for m in layers)
+        if not any(flags):
+            raise ValueError("OnlineModel needs at least one recurrent layer (a recurrent cell)")
+        for m, r in zip(layers, flags):
+            if not r and not isinstance(m, nn.Module):
+                raise ValueError(f"layer {m!r} is neither a recurrent cell nor a flax.linen module")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "_flags", flags)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"layers_{i}" for i in range(len(self.layers)))
+
+    @property
+    def recurrent_flags(self) -> tuple[bool, ...]:
+        return self._flags
+
+    def stages(
+        self, stack: Literal["layerwise", "combined"] = "layerwise", encoder: Literal["step", "exact"] = "step"
+    ) -> list[Stage]:
+        """The stages for a stacking mode and an encoder mode (see the module docstring)."""
+        if stack not in ("layerwise", "combined"):
+            raise ValueError(f"stack must be 'layerwise' or 'combined', got {stack!r}")
+        if encoder not in ("step", "exact"):
+            raise ValueError(f"encoder must be 'step' or 'exact', got {encoder!r}")
+        flags, names = self._flags, self.names
+        first = flags.index(True)
+        last = len(flags) - 1 - flags[::-1].index(True)
+        lo = 0 if encoder == "exact" else first
+        groups: list[tuple[int, int]] = []  # [start, end] inclusive, recurrent chains
+        if stack == "combined":
+            groups.append((lo, last))
+        else:
+            for i, r in enumerate(flags):
+                if r:
+                    groups.append((lo if i == first else i, i))
+        stages, i = [], 0
+        for a, b in groups:
+            for j in range(i, a):
+                stages.append(Stage((names[j],), False, self.layers[j], j))
+            items = [(names[j], self.layers[j], flags[j]) for j in range(a, b + 1)]
+            rec = as_recurrent(self.layers[a]) if a == b else chain_recurrent(items)
+            stages.append(Stage(tuple(names[a : b + 1]), True, rec, a))
+            i = b + 1
+        for j in range(i, len(flags)):
+            stages.append(Stage((names[j],), False, self.layers[j], j))
+        return stages
+
+    def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> dict:
+        """Initial parameters ``{"layers_i": ...}`` for inputs of size ``input_size``."""
+        params, size = {}, int(input_size)
+        for name, m, r, k in zip(self.names, self.layers, self._flags, jax.random.split(key, len(self.layers))):
+            h = jnp.zeros((1, size), dtype)
+            if r:
+                rec = as_recurrent(m)
+                p = rec.init_params(k, size, dtype)
+                size = int(jnp.shape(rec.output(rec.apply(p, rec.init_carry(1, dtype), h)))[-1])
+            else:
+                variables = m.init(k, h)
+                p = variables.get("params")
+                if set(variables) - {"params"}:
+                    raise ValueError(f"{name}: only stateless feed-forward modules (no batch statistics) are supported")
+                size = int(jnp.shape(m.apply(variables, h))[-1])
+            if p is not None:
+                params[name] = p
+        return params
+
+
+# ---------------------------------------------------------------------------
+# Within one time step: forward through the stages, cotangents back through them.
+# A record per stage is ``(input h, carry before, StepResult)`` (``None``s for feed-forward).
+
+
+def forward(stages: list[Stage], params, carries, states, x, methods):
+    """Advance every stage; returns per-stage records for the backward pass."""
+    h, recs, j = x, [], 0
+    for stage in stages:
+        p = stage.params(params)
+        if stage.recurrent:
+            m = methods[j]
+            res = m.step(p, carries[j], states[j], h)
+            recs.append((h, carries[j], res))
+            h = stage.module.output(res.carry)
+            j += 1
+        else:
+            recs.append((h, None, None))
+            h = stage.apply(p, h)
+    return h, recs
+
+
+def backward(stages: list[Stage], params, recs, out_cot, methods, states):
+    """Cotangents within the step; returns ``(grads, new method states)``."""
+    grads, new_states = {}, list(states)
+    cot, j = out_cot, len(methods)
+    has_params_below = [any(s.params(params) is not None for s in stages[:i]) for i in range(len(stages))]
+    for i in reversed(range(len(stages))):
+        stage, (h_in, carry_old, res) = stages[i], recs[i]
+        p = stage.params(params)
+        need_in = has_params_below[i]
+        if stage.recurrent:
+            j -= 1
+            _, pull_out = jax.vjp(stage.module.output, res.carry)
+            dcarry = pull_out(cot)[0]
+            g, new_states[j] = methods[j].gradient(p, res.state, dcarry)
+            if need_in:
+                cell = stage.module
+                _, pull_in = jax.vjp(lambda hh: cell.apply(p, carry_old, hh), h_in)
+                cot = pull_in(dcarry)[0]
+        else:
+            if p is None:
+                g = None
+                if need_in:
+                    _, pull = jax.vjp(lambda hh: stage.apply(None, hh), h_in)
+                    cot = pull(cot)[0]
+            else:
+                _, pull = jax.vjp(stage.apply, p, h_in)
+                g, cot = pull(cot)
+        if g is not None:
+            stage.merge(grads, g)
+    return grads, tuple(new_states)
+
+
+def contain(recs, good, methods, batch, dtype):
+    """Records with the examples not in ``good`` reset (zero carry, fresh method state) and
+    their saved inputs zeroed (so no NaN reaches the backward pass)."""
+    fixed, j = [], 0
+    for h, c_old, res in recs:
+        h = jnp.where(good.reshape((-1,) + (1,) * (h.ndim - 1)), h, 0)
+        if res is None:
+            fixed.append((h, None, None))
+            continue
+        m = methods[j]
+        zero = m.init_carry(batch, dtype)
+        c_old = select_examples(good, c_old, zero, 0)
+        res = res._replace(carry=select_examples(good, res.carry, zero, 0), state=m.reset(res.state, ~good))
+        fixed.append((h, c_old, res))
+        j += 1
+    return fixed
+
+
+def head_output(stages: list[Stage], params, recs):
+    """Recompute the model output from the records (cheap: the last stages' forward)."""
+    h = None
+    for stage, (h_in, _, res) in zip(stages, recs):
+        if stage.recurrent:
+            h = stage.module.output(res.carry)
+        else:
+            h = stage.apply(stage.params(params), h_in if h is None else h)
+    return h
+
+
+def forward_only(stages: list[Stage], params, carries, x):
+    """One step without online methods (prediction): ``(new carries, output)``."""
+    h, new, j = x, [], 0
+    for stage in stages:
+        p = stage.params(params)
+        if stage.recurrent:
+            c = stage.module.apply(p, carries[j], h)
+            new.append(c)
+            h, j = stage.module.output(c), j + 1
+        else:
+            h = stage.apply(p, h)
+    return tuple(new), h

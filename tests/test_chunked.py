@@ -1,0 +1,250 @@
+"""Chunked RTRL / SnAp-1 (snapjax.methods.chunked): exactness against the per-step methods and
+BPTT (float64), the influence after every chunk, ragged streams (flush), per-example resets,
+16-bit influence storage, compile-once and input validation."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tree_rel_err
+
+import snapjax as sj
+from snapjax.methods.chunked import ChunkedInfluence, ChunkedState, chunked_method
+from snapjax.scan import bptt_gradient
+
+TOL = 1e-10
+N_IN, B = 3, 3
+
+
+def _loss(y, t):
+    return 0.5 * jnp.sum((y - t) ** 2)
+
+
+def _setup(kind, units=4, seed=0, density=None):
+    cell = {"vanilla": sj.VanillaCell, "gru": sj.GRUCell, "lstm": sj.LSTMCell, "egru": sj.EGRUCell}[kind](units)
+    carry = cell.initialize_carry(jax.random.key(0), (B, N_IN))
+    params = cell.init(jax.random.key(seed), carry, jnp.zeros((B, N_IN)))["params"]
+    noise = jax.random.normal(jax.random.key(seed + 7), (len(jax.tree.leaves(params)),))
+    params = jax.tree.map(lambda a, z: a.astype(jnp.float64) + 0.1 * z,
+                          params, jax.tree.unflatten(jax.tree.structure(params), list(noise)))
+    masks = None if density is None else sj.random_masks(seed, params, density, spec=cell)
+    return cell, params, masks
+
+
+def _data(T, units, seed=1):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(kx, (T, B, N_IN), jnp.float64), jax.random.normal(ky, (T, B, units), jnp.float64))
+
+
+def _schedule(T, resets):
+    sched = {w: np.zeros((T, B), bool) for w in ("between", "after")}
+    for (t, ex, w) in resets:
+        sched[w][t, ex] = True
+    return jnp.asarray(sched["between"]), jnp.asarray(sched["after"])
+
+
+def _drive(method, params, xs, ys, schedules=((),), dtype=jnp.float64):
+    """Step/gradient over the stream in one jitted ``lax.scan`` (one compile per method).
+
+    ``schedules``: reset schedules, each a tuple of ``(t, example, "after" | "between")``: reset
+    after step ``t``'s gradient, or between step ``t`` and its gradient (the carry is zeroed
+    either way).  Per schedule, returns the summed gradient (a ragged last chunk flushed), the
+    dense influence after every step (``(T, ...)`` per leaf; for a chunked method ``J`` at its
+    last chunk boundary) and the final state.
+    """
+
+    def zero(carry, where):
+        return jax.tree.map(lambda a: jnp.where(where[:, None], 0.0, a), carry)
+
+    @jax.jit
+    def run(xs, ys, between, after):
+        def body(c, inp):
+            carry, st, total = c
+            x, y, rb, ra = inp
+            carry, st, _ = method.step(params, carry, st, x)
+            dcarry = jax.grad(lambda cc: _loss(method.cell.output(cc), y))(carry)
+            if schedules != ((),):
+                st, carry = method.reset(st, rb), zero(carry, rb)
+            g, st = method.gradient(params, st, dcarry)
+            if schedules != ((),):
+                st, carry = method.reset(st, ra), zero(carry, ra)
+            return (carry, st, jax.tree.map(jnp.add, total, g)), st.influence
+
+        init = (method.init_carry(B, jnp.float64), method.init(B, dtype), jax.tree.map(jnp.zeros_like, params))
+        (_, st, total), Js = jax.lax.scan(body, init, (xs, ys, between, after))
+        if xs.shape[0] % method.period:
+            g, st = method.flush(params, st)
+            total = jax.tree.map(jnp.add, total, g)
+        return total, Js, st
+
+    return [run(xs, ys, *_schedule(xs.shape[0], r)) for r in schedules]
+
+
+def _at(Js, t):
+    return jax.tree.map(lambda a: a[t], Js)
+
+
+def _bptt_with_resets(cell, params, xs, ys, resets):
+    """BPTT reference: the carry is zeroed after step ``t`` for each reset, and a reset between
+    a step and its gradient also drops that step's loss (the per-step methods' ``J_t = 0``)."""
+    between, after = _schedule(xs.shape[0], resets)
+    rec = sj.as_recurrent(cell)
+
+    def total(p):
+        def body(c, inp):
+            x, y, rb, ra = inp
+            c = rec.apply(p, c, x)
+            loss = 0.5 * jnp.sum(jnp.where(rb[:, None], 0.0, rec.output(c) - y) ** 2)
+            return jax.tree.map(lambda a: jnp.where((rb | ra)[:, None], 0.0, a), c), loss
+
+        return jax.lax.scan(body, rec.init_carry(B, jnp.float64), (xs, ys, between, after))[1].sum()
+
+    return jax.grad(total)(params)
+
+
+# (cell, masked, K for RTRL, K for SnAp-1), T = 7: every cell, both methods and both storage
+# kinds see K = 1, K = 3 (two chunks and a flushed ragged one) and K = T.
+CASES = [
+    ("vanilla", False, 3, 1), ("vanilla", True, 7, 3),
+    ("gru", False, 1, 7), ("gru", True, 3, 3),
+    ("lstm", False, 7, 3), ("lstm", True, 3, 1),
+]
+
+
+@pytest.mark.parametrize("kind,masked,k_rtrl,k_snap", CASES)
+def test_chunked_equals_per_step_and_bptt(x64, kind, masked, k_rtrl, k_snap):
+    """Chunked RTRL == per-step RTRL == BPTT and chunked SnAp-1 == per-step SnAp-1: the summed
+    gradient and the influence after every chunk (carried across chunks)."""
+    T, units = 7, 4
+    cell, params, masks = _setup(kind, units, density=0.5 if masked else None)
+    xs, ys = _data(T, units)
+    ref = bptt_gradient(cell, params, None, xs, ys, _loss, masks=masks).grads
+    for name, n, K in (("rtrl", None, k_rtrl), ("snap1", 1, k_snap)):
+        g_ref, J_ref, _ = _drive(sj.online_method(name, cell, params, masks=masks), params, xs, ys)[0]
+        if name == "rtrl":
+            assert tree_rel_err(g_ref, ref) < TOL
+        g, Js, _ = _drive(chunked_method(cell, params, n=n, chunk=K, masks=masks), params, xs, ys)[0]
+        assert tree_rel_err(g, g_ref) < TOL, (name, K)
+        for t in range(K - 1, T, K):  # J after each full chunk == per-step J at that step
+            assert tree_rel_err(_at(Js, t), _at(J_ref, t)) < TOL, (name, K, t)
+
+
+def test_egru_and_online_method_entry(x64):
+    """EGRU (unit parameter: the threshold) through ``snapjax.online_method(..., chunk=K)``."""
+    T, units = 6, 4
+    cell, params, _ = _setup("egru", units, seed=2)
+    xs, ys = _data(T, units, seed=3)
+    for name in ("rtrl", "snap1"):
+        ch = sj.online_method(name, cell, params, chunk=4)
+        assert isinstance(ch, ChunkedInfluence) and ch.period == 4
+        g_ref, _, _ = _drive(sj.online_method(name, cell, params), params, xs, ys)[0]
+        out = sj.online_gradient(ch, params, None, xs, ys, _loss)  # lax.scan driver, flushes T % 4
+        assert tree_rel_err(out.grads, g_ref) < TOL
+        assert float(jnp.abs(out.grads["threshold"]).sum()) > 0
+
+
+RESETS = (
+    (1, 0, "after"),     # mid-chunk, after the gradient
+    (2, 1, "between"),   # between the chunk's last step and its gradient
+    (3, 0, "after"),     # at a chunk boundary (K = 3: steps 0-2, 3-5, 6-7)
+    (4, 2, "between"),   # mid-chunk, between step and gradient
+    (6, 1, "after"),
+)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_reset_mid_chunk_is_exact(x64, kind):
+    """Per-example resets at every position in a chunk (after a gradient, or between a step and
+    its gradient) match the per-step methods exactly (gradient, influence after every chunk and
+    after the flush), and for RTRL BPTT with the same resets."""
+    T, units, K = 8, 4, 3
+    cell, params, _ = _setup(kind, units, seed=4)
+    xs, ys = _data(T, units, seed=5)
+    schedules = (tuple(r for r in RESETS if r[2] == "after"), RESETS)
+    refs = [_bptt_with_resets(cell, params, xs, ys, r) for r in schedules]
+    plain = bptt_gradient(cell, params, None, xs, ys, _loss).grads
+    assert tree_rel_err(refs[1], plain) > 1e-3  # the resets matter
+    for name, n in (("rtrl", None), ("snap1", 1)):
+        per_step = sj.online_method(name, cell, params)
+        ch = chunked_method(cell, params, n=n, chunk=K)
+        outs = zip(schedules, refs, _drive(per_step, params, xs, ys, schedules), _drive(ch, params, xs, ys, schedules))
+        for resets, ref, (g_ref, J_ref, st_ref), (g, Js, st) in outs:
+            assert tree_rel_err(g, g_ref) < TOL, (name, resets)
+            if name == "rtrl":
+                assert tree_rel_err(g, ref) < TOL
+            for t in range(K - 1, T, K):
+                assert tree_rel_err(_at(Js, t), _at(J_ref, t)) < TOL, (name, t)
+            assert tree_rel_err(st.influence, st_ref.influence) < TOL  # after the flush
+
+
+def test_compiles_once_over_chunks(x64):
+    """One trace of step+gradient serves every position in every chunk; flush traces once."""
+    cell, params, _ = _setup("gru", 4)
+    ch = chunked_method(cell, params, n=None, chunk=3)
+    xs, ys = _data(7, 4)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def train_step(carry, st, x, y):
+        carry, st, _ = ch.step(params, carry, st, x)
+        g, st = ch.gradient(params, st, jax.grad(lambda c: _loss(c, y))(carry))
+        return carry, st, g
+
+    carry, st = ch.init_carry(B, jnp.float64), ch.init(B, jnp.float64)
+    nonzero = []
+    for t in range(7):
+        carry, st, g = train_step(carry, st, xs[t], ys[t])
+        nonzero.append(bool(jnp.any(g["hn"]["kernel"] != 0)))
+    assert nonzero == [False, False, True, False, False, True, False]
+    assert int(st.pos) == 1
+    g, st = ch.flush(params, st)
+    assert int(st.pos) == 0 and bool(jnp.any(g["hn"]["kernel"] != 0))
+
+
+@pytest.mark.parametrize("name,n", [("rtrl", None), ("snap1", 1)])
+def test_bfloat16_influence_storage(name, n):
+    """A bfloat16 influence stays bfloat16 (per-step and chunked) and its gradient is close to
+    the float32 one (arithmetic is float32; only the stored J is rounded)."""
+    cell = sj.GRUCell(8)
+    params = cell.init(jax.random.key(0), jnp.zeros((B, 8)), jnp.zeros((B, N_IN)))["params"]
+    xs = jax.random.normal(jax.random.key(1), (12, B, N_IN))
+    ys = jax.random.normal(jax.random.key(2), (12, B, 8))
+    for method in (sj.online_method(name, cell, params), chunked_method(cell, params, n=n, chunk=4)):
+        f32 = sj.online_gradient(method, params, None, xs, ys, _loss)
+        bf = sj.online_gradient(method, params, None, xs, ys, _loss, method_state=method.init(B, jnp.bfloat16))
+        J = bf.final_method_state.influence
+        assert {a.dtype for a in jax.tree.leaves(J)} == {jnp.dtype(jnp.bfloat16)}
+        assert {a.dtype for a in jax.tree.leaves(bf.grads)} == {jnp.dtype(jnp.float32)}
+        err = tree_rel_err(bf.grads, f32.grads)
+        assert 0 < err < 2e-2, (method.name, err)
+
+
+def test_state_layout_and_validation():
+    cell = nn.GRUCell(4)
+    params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+    ch = sj.online_method("snap1", cell, params, chunk=5)
+    st = ch.init(2)
+    assert isinstance(st, ChunkedState) and ch.name == "snap1-chunk5"
+    # every batch axis declared in batch_axes() has the batch size
+    for ax, sub in zip(ch.batch_axes(), st):  # every declared batch axis has the batch size
+        if ax is None:
+            assert all(jnp.ndim(a) == 0 for a in jax.tree.leaves(sub))
+        else:
+            assert {jnp.shape(a)[ax] for a in jax.tree.leaves(sub)} == {2}
+    assert ch.num_stored() > ch.tracker.num_stored()
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        chunked_method(cell, params, n=1, chunk=0)
+    with pytest.raises(ValueError, match=r"exact RTRL \(n=None\) or SnAp-1"):
+        chunked_method(cell, params, n=2, chunk=4)
+    with pytest.raises(ValueError, match="compressed form"):
+        chunked_method(sj.as_recurrent(cell, generic=True), params, n=1, chunk=4)
+    with pytest.raises(ValueError, match=r"x must be a float array of shape \(2, 3\)"):
+        ch.step(params, ch.init_carry(2), st, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="carry must match"):
+        ch.step(params, ch.init_carry(3), st, jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="dloss_dcarry must match"):
+        ch.gradient(params, st, jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"where must have shape \(2,\)"):
+        ch.reset(st, jnp.ones((3,), bool))
