@@ -1,29 +1,49 @@
 """Shared pieces of the copy-task and char-LM benchmarks.
 
-* ``METHODS``: method keys and their display labels.
+* ``ChunkedLearner``: a thin driver over :class:`snapjax.OnlineLearner` (GRU cell + dense
+  read-out + optax; any method :func:`snapjax.online_method` builds by name).  All the online
+  maths (cell step, method state, gradient, optimiser update, per-example fault containment)
+  is ``OnlineLearner.run``; the driver only adds the benchmarks' initialisation (read-out
+  ``N(0, 1/units)``, zero bias), one-hot inputs, fixed-size *chunks* of time steps so that a
+  benchmark compiles ``OnlineLearner.run`` once per method whatever the sequence length, an
+  optimiser-step counter and forward-only evaluation (``OnlineLearner.evaluate``).
+  ``run_sequence`` feeds one time-major batch through it.
 * ``make_masks``: static random sparsity masks at a given parameter density.
-* ``ChunkedLearner``: a thin driver around :class:`snapjax.OnlineLearner` (GRU cell + dense
-  read-out + optax; RTRL / SnAp-n, UORO and truncated BPTT).  All the online maths (cell step,
-  influence, gradient, optimiser update) is ``OnlineLearner.step``; the driver adds the
-  benchmarks' initialisation (read-out ``N(0, 1/units)``, zero bias; UORO's sign key as in the
-  published runs), fixed-size *chunks* of time steps in one jitted ``lax.scan`` so that a
-  benchmark compiles once per method whatever the sequence length (padded steps are skipped
-  with ``lax.cond`` for the online methods and run with a zero loss mask for TBPTT, whose
-  windows thereby stay aligned with the sequence start), an optimiser-step counter and a
-  forward-only evaluation.  ``run_sequence`` feeds one time-major batch through it.
+* ``display_name``: a method's display label from the name of the built method
+  (``"snap2"`` → ``"SnAp-2"``, ``"tbptt8"`` → ``"TBPTT-8"``).
 * ``plot_curves`` / ``write_json`` / ``markdown_table``: output helpers.
 
-Update rule (all online methods; ``OnlineLearner(..., skip_unscored_updates=True)``): after
-every time step ``t`` whose loss mask is non-zero for at least one example, the parameters take
-one optimiser step with the gradient of the masked mean ``L_t = Σ_b mask_tb · CE_tb / Σ_b
-mask_tb`` estimated by the method (exact for the read-out); in both benchmarks a step's mask is
-all ones or all zeros, so this is ``Σ_b mask_tb · CE_tb / B``.  Steps with no scored example
-(e.g. the copy task's presentation phase) make no optimiser call (parameters and Adam state
-unchanged) and only propagate the state and the influence.  Truncated BPTT instead takes one
-step per window of ``tbptt_window`` steps with the exact gradient of the window's summed loss
-(state carried across windows without gradient), skipped if the window has no scored example.
-The library's robustness applies too: a non-finite gradient skips the update, and an example
-whose state or influence becomes non-finite is reset.
+Chunks and padding.  The chunk length ``C`` is the requested ``chunk`` rounded up to a multiple
+of the learner's optimiser period ``K`` (``OnlineLearner.period``: 1 for RTRL / SnAp / UORO, the
+window for truncated BPTT).  A sequence of ``T`` steps runs as ``⌈T / C⌉`` chunks; the padded
+steps of the last chunk carry a zero loss mask.  So every sequence starts a new optimiser
+period (windows stay aligned with the sequence start), and a padded step trains nothing: with
+``skip_unscored_updates=True`` a period without a scored example makes no optimiser call, and a
+zero cotangent adds nothing to a window's gradient.  Padded steps do advance the hidden state
+and the method state after the sequence's last step; the copy task resets both at every
+sequence start, and the char-LM windows are exactly one chunk (no padding).
+
+Update rule (``OnlineLearner(..., skip_unscored_updates=True)``): at the end of every optimiser
+period with at least one scored example, the parameters take one optimiser step with the
+method's estimate of the gradient of the period's summed masked mean losses ``L_t = Σ_b
+mask_tb · CE_tb / Σ_b mask_tb`` (exact for the read-out).  For RTRL / SnAp / UORO the period is
+one step; in both benchmarks a step's mask is all ones or all zeros, so ``L_t = Σ_b mask_tb ·
+CE_tb / B`` and the copy task's presentation phase makes no optimiser call (parameters and Adam
+state unchanged; only the state and the method state propagate).  Truncated BPTT takes one step
+per window with the exact gradient of the window's summed loss (state carried across windows
+without gradient).  The library's robustness applies too: a non-finite gradient skips the
+update, and an example whose state or method state becomes non-finite is reset.
+
+Example::
+
+    >>> import jax, numpy as np, optax
+    >>> tr = ChunkedLearner(8, 4, 2, "tbptt", optax.adam(1e-2), chunk=5, tbptt_window=4)
+    >>> tr.label, tr.period, tr.chunk
+    ('TBPTT-4', 4, 8)
+    >>> ts = tr.init(jax.random.key(0), batch_size=2)
+    >>> ts, ce = run_sequence(tr, ts, np.zeros((3, 2)), np.zeros((3, 2)), np.ones((3, 2)))
+    >>> ce.shape, int(ts.updates)
+    ((3, 2), 1)
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -39,94 +60,94 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an install
     sys.path.insert(0, str(REPO_ROOT))
 
-from snapjax.cells import GRUCell, cell_step
-from snapjax.online import OnlineLearner, OnlineState
+from snapjax import GRUCell, OnlineLearner, OnlineState  # noqa: E402
+from snapjax.methods import parse_method_name  # noqa: E402
+from snapjax.sparsity import random_masks  # noqa: E402
 
 PyTree = Any
 
-METHODS: dict[str, str] = {
-    "snap1": "SnAp-1",
-    "snap2": "SnAp-2",
-    "snap3": "SnAp-3",
-    "rtrl": "RTRL",
-    "uoro": "UORO",
-    "tbptt": "TBPTT",
-}
-
 LN2 = math.log(2.0)
 
+# Display spelling of a method name's alphabetic prefix (the others are upper-cased).
+_SPELLING = {"snap": "SnAp"}
 
-def method_label(method: str, tbptt_window: int | None = None) -> str:
-    label = METHODS.get(method, method)
-    if method == "tbptt" and tbptt_window:
-        label = f"{label}-{tbptt_window}"
-    return label
+
+def display_name(name: str) -> str:
+    """Display label of a built method's ``name``: ``"snap2"`` → ``"SnAp-2"``, ``"rtrl"`` →
+    ``"RTRL"``, ``"tbptt8"`` → ``"TBPTT-8"``, ``"rtrl-chunk32"`` → ``"RTRL-chunk32"``."""
+    m = re.fullmatch(r"([A-Za-z]+)(\d*)(.*)", name)
+    if m is None:
+        return name
+    prefix, digits, rest = m.groups()
+    return _SPELLING.get(prefix.lower(), prefix.upper()) + (f"-{digits}" if digits else "") + rest
+
+
+def check_methods(names: Sequence[str]) -> None:
+    """``ValueError`` (the library's message) for a name :func:`snapjax.online_method` rejects."""
+    for name in names:
+        parse_method_name(name)
 
 
 # --------------------------------------------------------------------------- sparsity
-def make_masks(seed: int, params: PyTree, density: float, spec) -> dict | None:
-    """Random static 0/1 masks for every kernel of ``params`` at ``density`` (None if 1).
+def cell_params(key: jax.Array, units: int, n_in: int) -> PyTree:
+    """GRU cell parameters (``GRUCell(units).init``), for inputs of size ``n_in``."""
+    return dict(GRUCell(features=units).init(key, jnp.zeros((1, units)), jnp.zeros((1, n_in)))["params"])
 
-    Uses :func:`snapjax.sparsity.random_masks` (every kernel, input and recurrent; each
-    unit keeps exactly ``max(1, round(density * n_in))`` incoming weights per kernel) when
-    that module is available; otherwise draws, for each kernel independently, exactly
-    ``round(density * size)`` kept entries uniformly at random.
+
+def make_masks(seed: int, units: int, n_in: int, density: float) -> dict | None:
+    """Random static 0/1 masks for every kernel of a ``GRUCell(units)`` with ``n_in`` inputs at
+    ``density`` (None if 1): ``{projection name: bool (fan_in, units)}``.
+
+    :func:`snapjax.sparsity.random_masks` (only the kernel shapes are read): every kernel, input
+    and recurrent; each unit keeps exactly ``max(1, round(density * fan_in))`` incoming weights
+    per kernel, drawn from ``seed``.
     """
     if density >= 1.0:
         return None
-    try:  # prefer the library implementation when it exists
-        from snapjax.sparsity import random_masks  # type: ignore
-
-        masks = random_masks(int(seed), params, density, spec=spec)
-        return {k: np.asarray(v, bool) for k, v in masks.items() if v is not None}
-    except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
-    masks = {}
-    for p in spec.projections:
-        shape = np.shape(params[p.name]["kernel"])
-        size = int(np.prod(shape))
-        keep = max(1, int(round(density * size)))
-        flat = np.zeros(size, bool)
-        flat[rng.choice(size, keep, replace=False)] = True
-        masks[p.name] = flat.reshape(shape)
-    return masks
+    cell = GRUCell(features=units)
+    masks = random_masks(int(seed), cell_params(jax.random.key(0), units, n_in), density, spec=cell)
+    return {k: np.asarray(v, bool) for k, v in masks.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- learner
 class TrainState(NamedTuple):
     """State of a :class:`ChunkedLearner` run (a pytree)."""
 
-    online: OnlineState  # the snapjax.OnlineLearner state (params, optimiser, carry, influence, ...)
+    online: OnlineState  # the snapjax.OnlineLearner state (params, optimiser, carry, method state, ...)
     updates: jax.Array  # number of optimiser steps taken
 
     @property
     def params(self) -> PyTree:
-        """``{'cell': ..., 'readout': {'kernel', 'bias'}}``."""
+        """``{'layers_0': GRU params, 'layers_1': read-out {'kernel', 'bias'}}``."""
         return self.online.params
 
 
 class ChunkedLearner:
-    """Benchmark driver around :class:`snapjax.OnlineLearner` (static; close over it in jitted code).
+    """Benchmark driver over :class:`snapjax.OnlineLearner` (static; close over it in jitted code).
 
     A GRU cell (inputs: int tokens, one-hot encoded inside) with a dense read-out, trained by
-    ``OnlineLearner(..., skip_unscored_updates=True)``: every time step goes through
-    :meth:`snapjax.OnlineLearner.step`.  This class only adds what the benchmarks need around
-    it: the benchmarks' initialisation, fixed-size jitted chunks with padded steps,
-    an update counter and a forward-only evaluation.
+    ``OnlineLearner(GRUCell(units), n_out, method=method, skip_unscored_updates=True)``: every
+    chunk is one ``OnlineLearner.run`` (see the module docstring for chunks and padding).
 
     Args:
       units: GRU units.  n_in: input vocabulary size.  n_out: read-out classes.
-      method: key of ``METHODS``.  optimizer: an optax transformation.
-      masks: static kernel masks or None.
-      tbptt_window: window (and chunk length) for ``"tbptt"``.
-      chunk: steps per jitted call for the online methods.
+      method: a method name for :func:`snapjax.online_method` (``"snap1"``, ``"rtrl"``,
+        ``"uoro"``, ``"tbptt"``...).  optimizer: an optax transformation.
+      masks: static kernel masks (``make_masks``) or None.
+      chunk: steps per jitted call (rounded up to a multiple of the optimiser period).
+      precision: matmul precision of the method.
+      options: further ``OnlineLearner`` keyword arguments for this method (e.g.
+        ``tbptt_window=8`` for ``"tbptt"``).
+
+    Attributes:
+      learner: the ``OnlineLearner``.  methods: its built online methods (one per recurrent
+      layer).  label: display label (``display_name`` of the methods' names).  period: the
+      optimiser period ``K``.  chunk: the chunk length ``C`` (a multiple of ``K``).
     """
 
     def __init__(
@@ -138,29 +159,24 @@ class ChunkedLearner:
         optimizer: optax.GradientTransformation,
         *,
         masks: dict | None = None,
-        tbptt_window: int = 8,
         chunk: int = 16,
         precision: Any = None,
+        **options: Any,
     ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
         self.cell = GRUCell(features=units)
-        self.spec = self.cell.spec
-        self.units, self.n_in, self.n_out = units, n_in, n_out
+        self.units, self.n_in, self.n_out = int(units), int(n_in), int(n_out)
         self.method, self.masks = method, masks
-        self.tbptt_window = int(tbptt_window)
-        self.chunk = self.tbptt_window if method == "tbptt" else int(chunk)
         self.learner = OnlineLearner(
-            self.cell,
-            n_out,
-            method=method,
-            optimizer=optimizer,
-            masks=masks,
-            precision=precision,
-            tbptt_window=self.tbptt_window if method == "tbptt" else None,
-            skip_unscored_updates=True,
+            self.cell, self.n_out, method=method, optimizer=optimizer, masks=masks, precision=precision,
+            skip_unscored_updates=True, **options,
         )
-        self.tracker = None
+        shapes = self.init_params(jax.random.key(0))
+        self.methods = self.learner.methods(shapes, self.n_in)
+        self.label = "+".join(display_name(m.name) for m in self.methods)
+        self.period = self.learner.period(shapes)
+        self.chunk = self.period * -(-int(chunk) // self.period)
         self.run_chunk = jax.jit(self._run_chunk)
         self.reset = jax.jit(self._reset)
         self.evaluate = jax.jit(self._evaluate)
@@ -170,94 +186,61 @@ class ChunkedLearner:
         """Cell parameters from ``cell.init`` and a read-out ``N(0, 1/units)`` with zero bias
         (unmasked: ``OnlineLearner.init`` applies the masks)."""
         k1, k2 = jax.random.split(key)
-        x = jnp.zeros((1, self.n_in), jnp.float32)
-        cp = dict(self.cell.init(k1, jnp.zeros((1, self.units)), x)["params"])
         rk = jax.random.normal(k2, (self.units, self.n_out)) / math.sqrt(self.units)
-        return {"cell": cp, "readout": {"kernel": rk, "bias": jnp.zeros((self.n_out,))}}
+        return {"layers_0": cell_params(k1, self.units, self.n_in),
+                "layers_1": {"kernel": rk, "bias": jnp.zeros((self.n_out,))}}
 
     def init(self, key: jax.Array, batch_size: int) -> TrainState:
+        """Parameters (``init_params``), zero carries, fresh method states (``key`` seeds the
+        methods that draw random numbers, e.g. UORO's signs) and optimiser state."""
         kp, kr = jax.random.split(key)
-        params = self.init_params(kp)
-        state = self.learner.init(kr, params, batch_size, self.n_in)
-        self.tracker = self.learner.tracker(state.params["cell"])
-        if self.method == "uoro":
-            # UORO's random signs come from this key (the benchmarks' seeding since the first
-            # published results): the running key then continues across sequence resets.
-            ku = jax.random.split(kr)[1]
-            state = state._replace(method_state=self.tracker.init(batch_size, key=ku))
+        state = self.learner.init(kr, self.init_params(kp), batch_size=batch_size, input_size=self.n_in)
         return TrainState(state, jnp.zeros((), jnp.int32))
 
-    def influence_floats(self, batch_size: int = 1) -> int:
-        """Floats of method state per example (influence / UORO vectors), 0 for TBPTT."""
-        return 0 if self.tracker is None else self.tracker.num_stored()
+    def influence_floats(self) -> int:
+        """Floats of method state per example (``num_stored`` of the methods: influence, UORO
+        vectors, the truncated-BPTT window buffer)."""
+        return int(sum(m.num_stored() or 0 for m in self.methods))
 
     # ------------------------------------------------------------------ pieces
     def _reset(self, ts: TrainState) -> TrainState:
-        """Zero the hidden state and the method state (start of an independent sequence)."""
+        """Zero the hidden state and re-initialise the method state (start of an independent
+        sequence; shared leaves such as UORO's running key continue)."""
         return ts._replace(online=self.learner.reset_carry(ts.online))
 
-    def _run_chunk(self, ts: TrainState, tokens, targets, mask, valid):
-        """Process ``C`` steps: tokens/targets int ``(C, B)``, mask float ``(C, B)``, valid bool ``(C,)``.
-
-        Every valid step is one :meth:`snapjax.OnlineLearner.step`.  Invalid (padding) steps
-        are skipped with ``lax.cond`` for the online methods; for TBPTT they are run with a
-        zero loss mask so that windows stay aligned with the sequence start.
-        Returns ``(ts, ce)`` with per-step cross-entropy (nats) ``(C, B)`` (0 on invalid steps).
-        """
-        learner = self.learner
+    def _run_chunk(self, ts: TrainState, tokens, targets, mask):
+        """One ``OnlineLearner.run`` over ``C`` steps: tokens / targets int ``(C, B)``, mask float
+        ``(C, B)``.  Returns ``(ts, ce)`` with the per-step cross-entropy (nats) ``(C, B)`` of the
+        predictions made while learning."""
         xs = jax.nn.one_hot(tokens, self.n_in, dtype=jnp.float32)
+        online, logits, metrics = self.learner.run(ts.online, xs, targets, mask)
+        ce = jax.vmap(self.learner.loss_fn)(logits, targets)
+        return TrainState(online, ts.updates + jnp.sum(metrics["updated"], dtype=jnp.int32)), ce
 
-        def live(st, x, y, m):
-            st, logits, metrics = learner.step(st, x, y, m)
-            return st, learner.loss_fn(logits, y), metrics["updated"]
-
-        def pad(st, x, y, m):
-            return st, jnp.zeros(y.shape, jnp.float32), jnp.asarray(False)
-
-        def body(carry, inp):
-            st, n = carry
-            x, y, m, v = inp
-            if self.method == "tbptt":
-                st, ce, upd = live(st, x, y, m * v)
-                ce = jnp.where(v, ce, 0.0)
-            else:
-                st, ce, upd = lax.cond(v, live, pad, st, x, y, m)
-            return (st, n + upd.astype(jnp.int32)), ce
-
-        (st, n), ce = lax.scan(body, (ts.online, ts.updates), (xs, targets, mask, valid))
-        return TrainState(st, n), ce
-
-    def _evaluate(self, params, tokens, targets):
-        """Forward-only cross-entropy (nats) ``(T, B)`` from a zero state (no learning)."""
-        learner, spec = self.learner, self.spec
+    def _evaluate(self, params: PyTree, tokens, targets) -> jax.Array:
+        """Forward-only mean cross-entropy (nats) over ``(T, B)`` from a zero state
+        (``OnlineLearner.evaluate``; no learning)."""
         xs = jax.nn.one_hot(tokens, self.n_in, dtype=jnp.float32)
-
-        def body(s, inp):
-            x, y = inp
-            s = cell_step(spec, params["cell"], s, x, learner.tracker_masks, learner.precision)
-            logits = learner.readout.apply({"params": params["readout"]}, spec.output(s))
-            return s, learner.loss_fn(logits, y)
-
-        return lax.scan(body, spec.zero_state(tokens.shape[1]), (xs, targets))[1]
+        return self.learner.evaluate(params, xs, targets)["loss"]
 
 
 def run_sequence(trainer: ChunkedLearner, ts: TrainState, tokens, targets, mask):
-    """Feed one time-major batch ``(T, B)`` through ``trainer`` in chunks (padding the tail).
+    """Feed one time-major batch ``(T, B)`` through ``trainer`` in chunks of ``trainer.chunk``
+    steps (the tail padded with a zero loss mask, see the module docstring).
 
     Returns ``(ts, ce (T, B) numpy)``.
     """
-    T = tokens.shape[0]
+    T = int(np.shape(tokens)[0])
     C = trainer.chunk
     n = -(-T // C)
     pad = n * C - T
-    tokens = np.pad(np.asarray(tokens, np.int32), ((0, pad), (0, 0)), constant_values=0)
+    tokens = np.pad(np.asarray(tokens, np.int32), ((0, pad), (0, 0)))
     targets = np.pad(np.asarray(targets, np.int32), ((0, pad), (0, 0)))
     mask = np.pad(np.asarray(mask, np.float32), ((0, pad), (0, 0)))
-    valid = np.arange(n * C) < T
     ces = []
     for i in range(n):
         sl = slice(i * C, (i + 1) * C)
-        ts, ce = trainer.run_chunk(ts, tokens[sl], targets[sl], mask[sl], valid[sl])
+        ts, ce = trainer.run_chunk(ts, tokens[sl], targets[sl], mask[sl])
         ces.append(ce)
     ce = np.concatenate([np.asarray(c) for c in ces])[:T]
     return ts, ce
@@ -299,14 +282,6 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{v.mean():.3g} ± {v.std():.2g}"
 
 
-_COLORS = {
-    "snap1": "tab:blue",
-    "snap2": "tab:orange",
-    "snap3": "tab:red",
-    "rtrl": "black",
-    "uoro": "tab:green",
-    "tbptt": "tab:purple",
-}
 
 
 def plot_curves(
@@ -320,7 +295,8 @@ def plot_curves(
     *,
     step: bool = False,
 ) -> Path:
-    """One panel per density; one colour per method; one line per seed.
+    """One panel per density; one colour per method (in order of first appearance); one line
+    per seed.
 
     Each run is a dict with ``method``, ``label``, ``density``, ``seed`` and ``history``
     (a dict of equal-length lists including ``x_key`` and ``y_key``).
@@ -331,6 +307,9 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     densities = sorted({r["density"] for r in runs}, reverse=True)
+    colors = {}
+    for r in runs:
+        colors.setdefault(r["label"], f"C{len(colors) % 10}")
     fig, axes = plt.subplots(1, len(densities), figsize=(5.2 * len(densities), 4), squeeze=False)
     for ax, d in zip(axes[0], densities):
         seen = set()
@@ -340,7 +319,7 @@ def plot_curves(
             x, y = r["history"][x_key], r["history"][y_key]
             lab = r["label"] if r["label"] not in seen else None
             seen.add(r["label"])
-            kw = dict(color=_COLORS.get(r["method"]), label=lab, alpha=0.85, lw=1.4)
+            kw = dict(color=colors[r["label"]], label=lab, alpha=0.85, lw=1.4)
             (ax.step(x, y, where="post", **kw) if step else ax.plot(x, y, **kw))
         ax.set_title(f"{title} — density {d:g}")
         ax.set_xlabel(xlabel)

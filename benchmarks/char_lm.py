@@ -37,12 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    METHODS,
     ChunkedLearner,
+    check_methods,
     make_masks,
     markdown_table,
     mean_std,
-    method_label,
     parse_list,
     plot_curves,
     run_sequence,
@@ -75,6 +74,11 @@ class CharConfig:
     val_offset: int = 10_000  # skip the front matter (title, dramatis personae) of the first work
     mode: str = "full"
 
+    def learner_options(self) -> dict[str, dict]:
+        """Extra ``OnlineLearner`` keyword arguments per method name (configuration, looked up
+        by name; no method needs code of its own): TBPTT truncates at the window."""
+        return {"tbptt": {"tbptt_window": self.window}}
+
 
 QUICK = dict(
     methods=("snap1", "snap2", "rtrl", "uoro", "tbptt"),
@@ -94,19 +98,18 @@ QUICK = dict(
 
 
 def _val_bpc(trainer: ChunkedLearner, params, val_inputs, val_targets) -> float:
-    ce = trainer.evaluate(params, val_inputs, val_targets)
-    return float(np.mean(np.asarray(ce)) / math.log(2.0))
+    """Validation bits per character: forward-only mean cross-entropy (``OnlineLearner.evaluate``)."""
+    return float(trainer.evaluate(params, val_inputs, val_targets)) / math.log(2.0)
 
 
 def train_char(method: str, density: float, seed: int, corpus: TextCorpus, cfg: CharConfig,
                progress: bool = True) -> dict:
     """Train one (method, density, seed) run on ``corpus``; returns a JSON-able record."""
     V = corpus.vocab_size
-    key = jax.random.PRNGKey(seed)
-    probe = ChunkedLearner(cfg.units, V, V, method, optax.adam(cfg.lr))
-    masks = make_masks(seed, probe.init_params(key)["cell"], density, probe.spec)
-    trainer = ChunkedLearner(cfg.units, V, V, method, optax.adam(cfg.lr), masks=masks,
-                            tbptt_window=cfg.window, chunk=cfg.window)
+    key = jax.random.key(seed)
+    masks = make_masks(seed, cfg.units, V, density)
+    trainer = ChunkedLearner(cfg.units, V, V, method, optax.adam(cfg.lr), masks=masks, chunk=cfg.window,
+                             **cfg.learner_options().get(method, {}))
     ts = trainer.init(key, cfg.batch_size)
 
     need = cfg.char_budget + cfg.batch_size * (cfg.window + 1)
@@ -116,7 +119,7 @@ def train_char(method: str, density: float, seed: int, corpus: TextCorpus, cfg: 
     val = char_batches(corpus.validation[v0: v0 + n_val + 1], cfg.val_batch, max(1, n_val // cfg.val_batch))
     val_in, val_tg = np.asarray(val.inputs[0]), np.asarray(val.targets[0])
 
-    label = method_label(method, cfg.window if method == "tbptt" else None)
+    label = trainer.label
     hist = {"chars": [0], "val_bpc": [_val_bpc(trainer, ts.params, val_in, val_tg)],
             "train_bpc": [float("nan")], "time_s": [0.0]}
     bar = None
@@ -192,7 +195,9 @@ def main(argv=None, cfg: CharConfig | None = None, corpus: TextCorpus | None = N
          out_dir: str | Path | None = None, progress: bool = True) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CPU run")
-    p.add_argument("--methods", type=str, default=None, help=f"comma list of {','.join(METHODS)}")
+    p.add_argument("--methods", type=str, default=None,
+                   help="comma list of method names for snapjax.online_method (default: "
+                        f"{','.join(CharConfig.methods)}; --quick: {','.join(QUICK['methods'])})")
     p.add_argument("--densities", type=str, default=None)
     p.add_argument("--seeds", type=str, default=None)
     p.add_argument("--units", type=int, default=None)
@@ -218,9 +223,10 @@ def main(argv=None, cfg: CharConfig | None = None, corpus: TextCorpus | None = N
             char_budget=args.chars, time_budget_s=args.time_budget,
         )
         cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    for m in cfg.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}")
+    try:
+        check_methods(cfg.methods)
+    except ValueError as err:
+        p.error(str(err))
     if corpus is None:
         corpus = load_shakespeare(args.cache_dir)
     out = Path(out_dir or args.out or OUT_DIR)

@@ -37,12 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    METHODS,
     ChunkedLearner,
+    check_methods,
     make_masks,
     markdown_table,
     mean_std,
-    method_label,
     parse_list,
     plot_curves,
     run_sequence,
@@ -81,6 +80,11 @@ class CopyConfig:
     log_every: int = 10  # batches between history points (plus every change of L)
     mode: str = "full"
 
+    def learner_options(self) -> dict[str, dict]:
+        """Extra ``OnlineLearner`` keyword arguments per method name (configuration, looked up
+        by name; no method needs code of its own)."""
+        return {"tbptt": {"tbptt_window": self.tbptt_window}}
+
 
 QUICK = dict(
     methods=("snap1", "snap2", "rtrl", "uoro", "tbptt"),
@@ -94,7 +98,7 @@ QUICK = dict(
     max_length=64,
     window=10,
     tbptt_window=8,
-    chunk=16,
+    chunk=8,
     log_every=5,
     mode="quick",
 )
@@ -102,18 +106,17 @@ QUICK = dict(
 
 def train_copy(method: str, density: float, seed: int, cfg: CopyConfig, progress: bool = True) -> dict:
     """Train one (method, density, seed) run; returns a JSON-able record."""
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.key(seed)
     k_init, k_data = jax.random.split(key)
-    probe = ChunkedLearner(cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr))
-    masks = make_masks(seed, probe.init_params(k_init)["cell"], density, probe.spec)
+    masks = make_masks(seed, cfg.units, NUM_TOKENS, density)
     trainer = ChunkedLearner(
-        cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr),
-        masks=masks, tbptt_window=cfg.tbptt_window, chunk=cfg.chunk,
+        cfg.units, NUM_TOKENS, 2, method, optax.adam(cfg.lr), masks=masks, chunk=cfg.chunk,
+        **cfg.learner_options().get(method, {}),
     )
     ts = trainer.init(k_init, cfg.batch_size)
     cur = curriculum_init(1, cfg.threshold_bits, cfg.window, max_length=cfg.max_length)
 
-    label = method_label(method, cfg.tbptt_window if method == "tbptt" else None)
+    label = trainer.label
     hist = {"tokens": [0], "L": [1], "loss_bits": [float("nan")], "time_s": [0.0]}
     bar = None
     if progress:
@@ -213,7 +216,9 @@ def summarize(runs: list[dict], cfg: CopyConfig) -> tuple[list[str], list[list]]
 def main(argv=None, cfg: CopyConfig | None = None, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small CPU run (SnAp-1/2, RTRL, UORO, TBPTT; density 0.25; 1 seed)")
-    p.add_argument("--methods", type=str, default=None, help=f"comma list of {','.join(METHODS)}")
+    p.add_argument("--methods", type=str, default=None,
+                   help="comma list of method names for snapjax.online_method (default: "
+                        f"{','.join(CopyConfig.methods)}; --quick: {','.join(QUICK['methods'])})")
     p.add_argument("--densities", type=str, default=None)
     p.add_argument("--seeds", type=str, default=None)
     p.add_argument("--units", type=int, default=None)
@@ -238,9 +243,10 @@ def main(argv=None, cfg: CopyConfig | None = None, out_dir: str | Path | None = 
             time_budget_s=args.time_budget, tbptt_window=args.tbptt_window,
         )
         cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    for m in cfg.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}")
+    try:
+        check_methods(cfg.methods)
+    except ValueError as err:
+        p.error(str(err))
     out = Path(out_dir or args.out or OUT_DIR)
     tag = args.tag or cfg.mode
     progress = progress and not args.no_progress

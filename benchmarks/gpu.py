@@ -10,7 +10,8 @@ Sections:
    array, bytes = read + write) and matmul peak (n³, f32 default precision = TF32 on
    recent NVIDIA GPUs, f32 ``'highest'``, bf16).
 2. SnAp-1 per-step time, GRU and LSTM (input 64), k ∈ {256, 512, 1024, 2048}, B ∈ {16, 64},
-   through ``snapjax.online_gradient`` under ``jax.jit`` (``lax.scan``), per step = time / T;
+   through ``snapjax.online_gradient`` under ``jax.jit`` (the method interface, ``step`` +
+   ``gradient`` in a ``lax.scan``), per step = time / T;
    achieved bytes/s = 8·B·p·m / step (read + write of the influence) and % of the measured
    stream bandwidth; the same with the donated chained driver (section 6); BPTT
    (``snapjax.bptt_gradient``) per step beside it.
@@ -29,9 +30,12 @@ Sections:
    else ``n/a``; plus XLA's compiled memory analysis (arguments + outputs + temporaries),
    available on every backend.  Online methods should be flat in T, BPTT linear.
 6. Donation: the chained online driver is ``jax.jit(..., donate_argnums=(1, 2))`` over the
-   state and the influence, and returns both, so consecutive chunks reuse the influence
-   buffer in place; there is no host sync inside the loop (one ``block_until_ready``
-   after the last chunk of a timed call).
+   flax carry and the method state (the influence), and returns both, so consecutive chunks
+   reuse the influence buffer in place; there is no host sync inside the loop (one
+   ``block_until_ready`` after the last chunk of a timed call).
+
+Every online method is built by name with ``snapjax.online_method(name, cell, params, ...)``;
+BPTT (``snapjax.bptt_gradient``) is the reference.
 
 Timing: one untimed warm-up call (compilation), then the median of ``--repeats`` calls,
 each ended with ``jax.block_until_ready``.  T of each call is picked so that the call takes
@@ -78,11 +82,15 @@ def _loss(h, y):
     return 0.5 * jnp.sum((h - y) ** 2)
 
 
+REFERENCE = "bptt"  # jax.grad through lax.scan; every other name is an online method
+
+
 def make_cell(kind: str, k: int, dtype=jnp.float32):
+    """``(cell, spec, params)``; ``spec`` (:class:`snapjax.CellSpec`) gives ``units`` and the
+    components per unit ``state_dim`` (``m``: 1 for a GRU, 2 for an LSTM) for the byte counts."""
     cell = {"gru": sj.GRUCell, "lstm": sj.LSTMCell}[kind](k)
     spec = sj.as_cell_spec(cell)
-    carry1 = spec.from_internal(spec.zero_state(1, dtype))
-    params = cell.init(jax.random.key(0), carry1, jnp.zeros((1, N_IN), dtype))["params"]
+    params = sj.as_recurrent(cell).init_params(jax.random.key(0), N_IN, dtype)
     return cell, spec, params
 
 
@@ -90,11 +98,12 @@ def param_count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def data(spec, B, T, dtype=jnp.float32, seed=1):
+def data(cell, spec, B, T, dtype=jnp.float32, seed=1):
+    """Zero flax carry ``(B, ...)``, inputs ``(T, B, 64)`` and regression targets ``(T, B, units)``."""
     k1, k2 = jax.random.split(jax.random.key(seed))
     xs = jax.random.normal(k1, (T, B, N_IN), dtype)
     ys = 0.5 * jax.random.normal(k2, (T, B, spec.units), dtype)
-    carry = spec.from_internal(spec.zero_state(B, dtype))
+    carry = sj.as_recurrent(cell).init_carry(B, dtype)
     return carry, xs, ys
 
 
@@ -132,34 +141,43 @@ def timed(fn, *args, repeats):
 
 
 # --------------------------------------------------------------------------- drivers
-def online_fn(tracker, loss=_loss):
-    """``snapjax.online_gradient`` under jit (influence initialised inside)."""
-    return jax.jit(lambda p, c, xs, ys: sj.online_gradient(tracker, p, c, xs, ys, loss).grads)
+def online_fn(method, loss=_loss):
+    """``snapjax.online_gradient`` of an :class:`snapjax.OnlineMethod` under jit (method state
+    initialised inside)."""
+    return jax.jit(lambda p, c, xs, ys: sj.online_gradient(method, p, c, xs, ys, loss).grads)
 
 
 def bptt_fn(cell, masks=None, loss=_loss):
+    """The reference: ``snapjax.bptt_gradient`` (``jax.grad`` through ``lax.scan``) under jit."""
     return jax.jit(lambda p, c, xs, ys: sj.bptt_gradient(cell, p, c, xs, ys, loss, masks=masks).grads)
 
 
-def donated_driver(tracker):
-    """Chained online driver: ``(params, s, J, xs, ys) -> (s, J, grads, loss)``, with the
-    state ``s`` (internal layout) and the influence ``J`` donated (argnums 1, 2), so the
-    caller chains chunks and the influence is updated in place; it is
-    ``online_gradient`` continuing from ``J`` and returning ``J_T``."""
-    spec = tracker.spec
+def gradient_fn(name: str, cell, params):
+    """Jitted ``(params, carry, xs, ys) -> grads``: the BPTT reference for ``REFERENCE``, else
+    the online method ``snapjax.online_method(name, cell, params)``."""
+    if name == REFERENCE:
+        return bptt_fn(cell)
+    return online_fn(sj.online_method(name, cell, params))
+
+
+def donated_driver(method):
+    """Chained online driver: ``(params, s, J, xs, ys) -> (s, J, grads, loss)``, with the flax
+    carry ``s`` and the method state ``J`` donated (argnums 1, 2), so the caller chains chunks
+    and the influence is updated in place; it is ``online_gradient`` continuing from ``J`` and
+    returning the final method state."""
 
     def run(params, s, J, xs, ys):
-        out = sj.online_gradient(tracker, params, spec.from_internal(s), xs, ys, _loss, influence=J)
-        return spec.to_internal(out.final_carry), out.final_method_state, out.grads, out.loss
+        out = sj.online_gradient(method, params, s, xs, ys, _loss, J)
+        return out.final_carry, out.final_method_state, out.grads, out.loss
 
     return jax.jit(run, donate_argnums=(1, 2))
 
 
-def time_donated(tracker, params, B, xs, ys, repeats):
+def time_donated(method, params, B, xs, ys, repeats):
     """Median time of one chained, donated chunk (warm-up chunk first)."""
-    drv = donated_driver(tracker)
-    s = tracker.spec.zero_state(B, xs.dtype)
-    J = tracker.init(B, xs.dtype)
+    drv = donated_driver(method)
+    s = method.init_carry(B, xs.dtype)
+    J = method.init(B, xs.dtype)
     t0 = time.perf_counter()
     s, J, g, tot = drv(params, s, J, xs, ys)
     jax.block_until_ready((s, J, g, tot))
@@ -203,8 +221,8 @@ def snap1_rows(a, bw) -> list:
     for kind in ("gru", "lstm"):
         for k in a.snap_k:
             cell, spec, params = make_cell(kind, k)
-            tracker = sj.influence_tracker(cell, params, "snap", 1)
-            stored = tracker.num_stored()  # p·m per example
+            method = sj.online_method("snap1", cell, params)
+            stored = method.num_stored()  # p·m per example
             for B in a.snap_B:
                 infl = 4 * B * stored
                 row = {"cell": kind, "k": k, "B": B, "params": param_count(params), "m": spec.state_dim,
@@ -215,10 +233,10 @@ def snap1_rows(a, bw) -> list:
                     print(f"  snap1 {kind} k={k} B={B}: skipped (memory)", flush=True)
                     continue
                 T = pick_T(2 * infl / bw + 20e-6, a.call_budget_s, a.t_min, a.T)
-                carry, xs, ys = data(spec, B, T)
-                r = timed(online_fn(tracker), params, carry, xs, ys, repeats=a.repeats)
+                carry, xs, ys = data(cell, spec, B, T)
+                r = timed(online_fn(method), params, carry, xs, ys, repeats=a.repeats)
                 step = r["median_s"] / T
-                rd = time_donated(tracker, params, B, xs, ys, a.repeats)
+                rd = time_donated(method, params, B, xs, ys, a.repeats)
                 step_d = rd["median_s"] / T
                 rb = timed(bptt_fn(cell), params, carry, xs, ys, repeats=a.repeats)
                 moved = 8 * B * stored
@@ -248,7 +266,7 @@ def rtrl_rows(a, bw, peaks) -> list:
         cell, spec, params = make_cell("gru", k)
         # float64 reference (BPTT) on a short sequence, computed once per k.
         Bref, Tref = a.err_B, a.err_T
-        carry32, xs32, ys32 = data(spec, Bref, Tref, seed=3)
+        carry32, xs32, ys32 = data(cell, spec, Bref, Tref, seed=3)
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float64), params)
             c64, x64, y64 = (jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float64), t)
@@ -257,8 +275,8 @@ def rtrl_rows(a, bw, peaks) -> list:
             ref = jax.tree.map(lambda x: np.asarray(x, np.float64), ref)
         for prec, peak_key in ((None, "matmul_f32_default"), ("highest", "matmul_f32_highest")):
             mode = "tf32" if prec is None else "highest"
-            tracker = sj.influence_tracker(cell, params, "rtrl", precision=prec)
-            stored = tracker.num_stored()  # p·k per example
+            method = sj.online_method("rtrl", cell, params, precision=prec)
+            stored = method.num_stored()  # p·k per example
             B = a.rtrl_B
             while B > 1 and 3 * 4 * B * stored > a.mem_gb * 2**30:
                 B //= 2
@@ -273,11 +291,11 @@ def rtrl_rows(a, bw, peaks) -> list:
             peak = peaks[peak_key]
             roof = min(peak, (kstate / 4.0) * bw)
             T = pick_T(flops / (0.3 * roof) + 20e-6, a.call_budget_s, a.t_min, a.T)
-            carry, xs, ys = data(spec, B, T)
-            r = timed(online_fn(tracker), params, carry, xs, ys, repeats=a.repeats)
+            carry, xs, ys = data(cell, spec, B, T)
+            fn = online_fn(method)
+            r = timed(fn, params, carry, xs, ys, repeats=a.repeats)
             step = r["median_s"] / T
-            g = jax.jit(lambda p, c, xs, ys, t=tracker: sj.online_gradient(t, p, c, xs, ys, _loss).grads)(
-                params, carry32, xs32, ys32)
+            g = fn(params, carry32, xs32, ys32)
             err = rel_err(jax.tree.map(np.asarray, g), ref)
             row.update(status="ok", T=T, us_per_step=1e6 * step, flops_per_step=flops,
                        TFLOPs=flops / step / 1e12, roofline_TFLOPs=roof / 1e12, pct_roofline=100 * flops / step / roof,
@@ -298,23 +316,26 @@ def snap2_rows(a, bw) -> list:
         masks = random_masks(0, params, a.density, spec=cell)
         row = {"k": k, "density": a.density}
         res = {}
-        for name, method, n, mk in (("snap2", "snap", 2, masks), ("snap1_masked", "snap", 1, masks),
-                                    ("snap1_dense", "snap", 1, None)):
-            tracker = sj.influence_tracker(cell, params, method, n, masks=mk)
-            stored = tracker.num_stored()
+        for name, method_name, mk in (("snap2", "snap2", masks), ("snap1_masked", "snap1", masks),
+                                      ("snap1_dense", "snap1", None)):
+            method = sj.online_method(method_name, cell, params, masks=mk)
+            tracker = getattr(method, "tracker", None)  # the compressed-influence engine: width K, layout
+            width = getattr(tracker, "width", None)
+            stored = method.num_stored()
             B = a.snap2_B
             while B > 1 and 3 * 4 * B * stored > a.mem_gb * 2**30:
                 B //= 2
             if 3 * 4 * B * stored > a.mem_gb * 2**30:
                 res[name] = None
                 continue
-            est = (2 * 4 * B * stored * max(1, tracker.width)) / (0.3 * bw * 8) + 2 * 4 * B * stored / bw + 20e-6
+            est = (2 * 4 * B * stored * max(1, width or 1)) / (0.3 * bw * 8) + 2 * 4 * B * stored / bw + 20e-6
             T = pick_T(est, a.call_budget_s, a.t_min, a.T)
-            carry, xs, ys = data(spec, B, T)
-            r = timed(online_fn(tracker), params, carry, xs, ys, repeats=a.repeats)
+            carry, xs, ys = data(cell, spec, B, T)
+            r = timed(online_fn(method), params, carry, xs, ys, repeats=a.repeats)
             res[name] = {"B": B, "T": T, "us_per_step": 1e6 * r["median_s"] / T,
-                         "us_per_step_per_ex": 1e6 * r["median_s"] / T / B, "width_K": tracker.width,
-                         "layout": tracker.layout, "influence_bytes": 4 * B * stored}
+                         "us_per_step_per_ex": 1e6 * r["median_s"] / T / B, "width_K": width,
+                         "layout": getattr(tracker, "layout", None), "method_name": method.name,
+                         "influence_bytes": 4 * B * stored}
             del xs, ys, carry
         row.update(res)
         s2 = res.get("snap2")
@@ -331,13 +352,8 @@ def mem_probe(method: str, k: int, B: int, T: int, mem_gb: float, execute: bool 
     """Compile (and run, if it fits ``mem_gb`` by XLA's analysis) one sequence of length T.
     Reports XLA's compiled memory analysis and the device's peak bytes in use (if known)."""
     cell, spec, params = make_cell("gru", k)
-    carry, xs, ys = data(spec, B, T)
-    if method == "bptt":
-        fn = bptt_fn(cell)
-    else:
-        tracker = sj.influence_tracker(cell, params, "rtrl" if method == "rtrl" else "snap",
-                                       None if method == "rtrl" else 1)
-        fn = online_fn(tracker)
+    carry, xs, ys = data(cell, spec, B, T)
+    fn = gradient_fn(method, cell, params)
     out = {"method": method, "k": k, "B": B, "T": T, "inputs_bytes": int(xs.nbytes + ys.nbytes)}
     compiled = fn.lower(params, carry, xs, ys).compile()
     out["xla"] = mem_analysis(compiled)
@@ -358,7 +374,7 @@ def mem_probe(method: str, k: int, B: int, T: int, mem_gb: float, execute: bool 
 
 def memory_rows(a, use_subprocess: bool) -> list:
     rows = []
-    for method, k in (("snap1", a.mem_k), ("rtrl", a.mem_k_rtrl), ("bptt", a.mem_k)):
+    for method, k in (("snap1", a.mem_k), ("rtrl", a.mem_k_rtrl), (REFERENCE, a.mem_k)):
         for T in a.mem_T:
             if use_subprocess:
                 cmd = [sys.executable, os.path.abspath(__file__), "--_mem-probe",

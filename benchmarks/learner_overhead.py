@@ -58,12 +58,14 @@ def hand_loop(cell, method, head, opt):
     return run
 
 
-def measure(method_name, units, batch, T, repeats, n_in=8, classes=4):
+def measure(method_name, units, batch, T, repeats, n_in=8, classes=4, max_floats=None):
     cell, head, opt = nn.GRUCell(units), nn.Dense(classes), optax.adam(1e-3)
     learner = sj.OnlineLearner(cell, readout_size=classes, method=method_name, optimizer=opt)
     state = learner.init(jax.random.key(0), batch_size=batch, input_size=n_in)
     params = {"cell": state.params["layers_0"], "head": state.params["layers_1"]}
     method = sj.online_method(method_name, cell, params["cell"])
+    if max_floats:  # the same work budget for every method: fewer steps where the state is big
+        T = int(max(16, min(T, max_floats // (batch * max(method.num_stored() or 1, 1)))))
     loop_state = (params, opt.init(params), method.init_carry(batch), method.init(batch, key=jax.random.key(1)))
     kx, ky = jax.random.split(jax.random.key(2))
     xs = jax.random.normal(kx, (T, batch, n_in))
@@ -97,14 +99,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--max-floats", type=float, default=4e8,
+                    help="cap on steps x batch x method-state floats per timed call (fewer steps for costly methods)")
     ap.add_argument("--configs", default=",".join(f"{u}x{b}" for u, b in CONFIGS), help="UNITSxBATCH,...")
     args = ap.parse_args(argv)
     rows = []
     for cfg in args.configs.split(","):
         units, batch = (int(v) for v in cfg.split("x"))
         for name in args.methods.split(","):
-            T = args.steps if not (name == "rtrl" and units >= 128) else max(16, args.steps // 16)
-            row = measure(name, units, batch, T, args.repeats)
+            row = measure(name, units, batch, args.steps, args.repeats, max_floats=args.max_floats)
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -1,14 +1,20 @@
 """Per-step cost of online gradient methods vs BPTT (GRU, input 64, time-major, lax.scan).
 
-Methods: BPTT (jax.grad through lax.scan), SnAp-1, SnAp-2, SnAp-3, exact RTRL (dense), UORO,
-all driven by ``snapjax.scan`` under ``jax.jit``; warm-up (compile) first, then the median of
-repeats with ``block_until_ready``; per-step time = total / T.  Grid: state size k × parameter
-density d (random static masks on every weight matrix, ``snapjax.sparsity.random_masks``).
+Methods: BPTT (the reference: ``jax.grad`` through ``lax.scan``, ``snapjax.bptt_gradient``) and
+the online methods SnAp-1, SnAp-2, SnAp-3, exact RTRL and UORO, each built by name with
+``snapjax.online_method(name, cell, params, masks=...)`` and driven through the method interface
+(``step`` + ``gradient`` in a ``lax.scan``: ``snapjax.online_gradient``) under ``jax.jit``;
+warm-up (compile) first, then the median of repeats with ``block_until_ready``; per-step
+time = total / T.  Grid: state size k × parameter density d (random static masks on every
+weight matrix, ``snapjax.sparsity.random_masks``).
 
-Configs whose influence (x3 for the new value and temporaries) exceeds ``--mem-budget-gb`` at
-``--batch`` run with a halved batch until they fit (the ``B`` column says so), or are
-skipped ("skipped (memory)") if even B=1 does not fit.  Compare rows with different B by
-the per-example column (µs/step/ex).  Expensive configs run fewer steps (``T`` column).
+Configs whose method state (x3 for the new value and temporaries) exceeds ``--mem-budget-gb``
+at ``--batch`` run with a halved batch until they fit (the ``B`` column says so), or are
+skipped ("skipped (memory)") if even B=1 does not fit.  Compare rows with different B by the
+per-example column (µs/step/ex).  Expensive configs run fewer steps (``T`` column, from XLA's
+FLOP count of one step).  A method whose state is the same computation as one already timed
+in the same (k, d) group (same class, stored floats and pattern, e.g. SnAp-2 of a dense GRU
+and RTRL) is timed once; its row repeats the numbers and says ``same as ...``.
 
     python benchmarks/step_cost.py --quick     # ~minutes on 2 CPU cores (``make bench``)
     python benchmarks/step_cost.py             # full grid k ∈ {64..512}, d ∈ {1, .5, .25, .1}
@@ -31,12 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import snapjax as sj  # noqa: E402
 from snapjax.sparsity import random_masks  # noqa: E402
-from snapjax.uoro import uoro_tracker  # noqa: E402
 
 from _timing import machine_info, time_fn  # noqa: E402
 
 N_IN = 64
-METHODS = ("bptt", "snap1", "snap2", "snap3", "rtrl", "uoro")
+REFERENCE = "bptt"
+ONLINE = ("snap1", "snap2", "snap3", "rtrl", "uoro")
+METHODS = (REFERENCE,) + ONLINE
 LABELS = {"bptt": "BPTT", "snap1": "SnAp-1", "snap2": "SnAp-2", "snap3": "SnAp-3", "rtrl": "RTRL", "uoro": "UORO"}
 
 
@@ -44,77 +51,107 @@ def _loss(h, y):
     return 0.5 * jnp.sum((h - y) ** 2)
 
 
-def make_tracker(method, cell, params, masks):
-    if method == "uoro":
-        return uoro_tracker(cell, params, masks=masks)
-    if method == "rtrl":
-        return sj.influence_tracker(cell, params, "rtrl", masks=masks)
-    return sj.influence_tracker(cell, params, "snap", int(method[-1]), masks=masks)
+def step_flops(method, params, B):
+    """XLA's FLOP count of one ``step`` + ``gradient`` for ``B`` examples (None if unknown)."""
+
+    def one(p, c, s, x):
+        c, s, _ = method.step(p, c, s, x)
+        return method.gradient(p, s, c)
+
+    args = (params, method.init_carry(B), method.init(B, key=jax.random.key(0)), jnp.zeros((B, N_IN)))
+    try:
+        cost = jax.jit(one).lower(*args).cost_analysis()
+    except Exception:  # pragma: no cover - backend without a cost model
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
-def est_flops_per_example(method, tracker, k, p_eff):
-    """Rough FLOPs per example per step (only used to pick T for the slow configs)."""
-    if method in ("bptt", "uoro", "snap1"):
-        return 12.0 * p_eff
-    stored = tracker.num_stored()
-    return 2.0 * stored * tracker.width + 12.0 * p_eff
+def signature(method):
+    """What decides a method's computation: its class, stored floats and (if it has one) its
+    pattern size.  Two methods with the same signature do the same work."""
+    count = getattr(method, "pattern_count", None)
+    return (type(method).__name__, method.num_stored(), count() if callable(count) else None)
 
 
-def run_config(method, k, density, args, rng_seed=0):
+def _setup(k, density, rng_seed=0):
     cell = sj.GRUCell(k)
     params = cell.init(jax.random.key(0), jnp.zeros((1, k)), jnp.zeros((1, N_IN)))["params"]
     masks = None if density >= 1.0 else random_masks(rng_seed, params, density, spec=cell)
-    p_eff = sj_param_count(params, masks)
-    row = {"method": method, "k": k, "density": density, "params_nonzero": p_eff}
-    if method == "bptt":
-        tracker = None
-        mem_ex = 4 * (args.T * k)  # stored states per example (lower bound of BPTT's activations)
-        row["memory_note"] = "activations over T (lower bound T*k floats)"
-    else:
-        tracker = make_tracker(method, cell, params, masks)
-        mem_ex = 4 * tracker.num_stored()
-        if method in ("snap2", "snap3") and tracker.layout == "dense" and masks is None:
-            row.update(status="same as RTRL (dense)", bytes_per_example=mem_ex)
-            return row
-        row["layout"] = getattr(tracker, "layout", "rank-one")
-        row["K"] = getattr(tracker, "width", None) if method != "uoro" else None
-    row["bytes_per_example"] = mem_ex
-    B = args.batch
-    while B > 1 and 3 * mem_ex * B > args.mem_budget_gb * 2**30:
-        B //= 2
-    if 3 * mem_ex * B > args.mem_budget_gb * 2**30:
-        row.update(status="skipped (memory)", B=B)
-        return row
-    T = args.T
-    if tracker is not None:
-        flops = est_flops_per_example(method, tracker, k, p_eff) * B
-        T = int(max(args.min_T, min(args.T, args.call_budget_s * args.assumed_gflops * 1e9 / flops)))
-    row.update(B=B, T=T)
+    return cell, params, masks
+
+
+def _data(T, B, k):
     keys = jax.random.split(jax.random.key(1), 3)
     xs = jax.random.normal(keys[0], (T, B, N_IN), jnp.float32)
     ys = 0.5 * jax.random.normal(keys[1], (T, B, k), jnp.float32)
-    carry = jnp.zeros((B, k), jnp.float32)
-    if method == "bptt":
-        fn = jax.jit(lambda p, c, xs, ys: sj.bptt_gradient(cell, p, c, xs, ys, _loss, masks=masks).grads)
-        fargs = (params, carry, xs, ys)
-    elif method == "uoro":
-        fn = jax.jit(
-            lambda p, c, xs, ys, key: sj.online_gradient(
-                tracker, p, c, xs, ys, _loss, influence=tracker.init(B, jnp.float32, key=key)
-            ).grads
-        )
-        fargs = (params, carry, xs, ys, keys[2])
-    else:
-        fn = jax.jit(lambda p, c, xs, ys: sj.online_gradient(tracker, p, c, xs, ys, _loss).grads)
-        fargs = (params, carry, xs, ys)
+    return xs, ys, jnp.zeros((B, k), jnp.float32), keys[2]
+
+
+def _fit_batch(mem_ex, args):
+    B = args.batch
+    while B > 1 and 3 * mem_ex * B > args.mem_budget_gb * 2**30:
+        B //= 2
+    return B, 3 * mem_ex * B <= args.mem_budget_gb * 2**30
+
+
+def _timed_row(row, fn, fargs, T, B, args):
     r = time_fn(fn, *fargs, warmup=1, repeats=args.repeats)
     row.update(
-        status="ok",
+        status="ok", B=B, T=T,
         us_per_step=1e6 * r["median_s"] / T,
         us_per_step_per_example=1e6 * r["median_s"] / T / B,
         spread=[1e6 * t / T for t in (r["min_s"], r["max_s"])],
         compile_s=r["compile_s"],
     )
+    return row
+
+
+def run_reference(k, density, args):
+    """BPTT: ``jax.grad`` of the summed loss through ``lax.scan`` (``snapjax.bptt_gradient``)."""
+    cell, params, masks = _setup(k, density)
+    row = {"method": REFERENCE, "k": k, "density": density, "params_nonzero": sj_param_count(params, masks),
+           "memory_note": "activations over T (lower bound T*k floats)"}
+    mem_ex = 4 * (args.T * k)  # stored states per example (lower bound of BPTT's activations)
+    row["bytes_per_example"] = mem_ex
+    B, fits = _fit_batch(mem_ex, args)
+    if not fits:
+        return {**row, "status": "skipped (memory)", "B": B}
+    xs, ys, carry, _ = _data(args.T, B, k)
+    fn = jax.jit(lambda p, c, xs, ys: sj.bptt_gradient(cell, p, c, xs, ys, _loss, masks=masks).grads)
+    return _timed_row(row, fn, (params, carry, xs, ys), args.T, B, args)
+
+
+def run_online(name, k, density, args, timed=None):
+    """One online method through its interface (``snapjax.online_gradient``).
+
+    ``timed``: ``{signature: row}`` of the methods already timed in this (k, d) group; a method
+    with the same signature reuses that row's numbers (``same_as``).
+    """
+    cell, params, masks = _setup(k, density)
+    method = sj.online_method(name, cell, params, masks=masks)
+    tracker = getattr(method, "tracker", None)  # the compressed-influence engine, if the method has one
+    mem_ex = 4 * method.num_stored()
+    row = {"method": name, "k": k, "density": density, "params_nonzero": sj_param_count(params, masks),
+           "method_name": method.name, "bytes_per_example": mem_ex,
+           "layout": getattr(tracker, "layout", None), "K": getattr(tracker, "width", None)}
+    sig = signature(method)
+    if timed is not None and sig in timed:
+        same = timed[sig]
+        keep = ("status", "B", "T", "us_per_step", "us_per_step_per_example", "spread", "compile_s")
+        return {**row, **{key: same[key] for key in keep if key in same}, "same_as": same["method"]}
+    B, fits = _fit_batch(mem_ex, args)
+    if not fits:
+        return {**row, "status": "skipped (memory)", "B": B}
+    flops = step_flops(method, params, B)
+    T = args.T if flops is None else int(max(args.min_T, min(args.T, args.call_budget_s * args.assumed_gflops * 1e9 / flops)))
+    row["flops_per_step"] = flops
+    xs, ys, carry, key = _data(T, B, k)
+    fn = jax.jit(lambda p, c, xs, ys, key: sj.online_gradient(method, p, c, xs, ys, _loss, key=key).grads)
+    row = _timed_row(row, fn, (params, carry, xs, ys, key), T, B, args)
+    if timed is not None:
+        timed[sig] = row
     return row
 
 
@@ -141,9 +178,10 @@ def print_table(rows):
                   f"{fmt_bytes(r.get('bytes_per_example', 0)):>8}  {r['status']}")
             continue
         K = r.get("K")
+        status = f"same as {LABELS[r['same_as']]}" if r.get("same_as") else "ok"
         print(f"{r['k']:>4} {r['density']:>5} {LABELS[r['method']]:>7} {r['B']:>3} {r['T']:>3} {K if K else '-':>4} "
               f"{r['us_per_step']:>12.1f} {r['us_per_step_per_example']:>11.2f} {r.get('ratio_bptt_per_example', float('nan')):>9.2f} "
-              f"{fmt_bytes(r['bytes_per_example']):>8}  ok")
+              f"{fmt_bytes(r['bytes_per_example']):>8}  {status}")
     sys.stdout.flush()
 
 
@@ -211,14 +249,17 @@ def main(argv=None):
     rows = []
     for k in args.ks:
         for d in args.densities:
+            timed = {}
+            jobs = [(REFERENCE, lambda: run_reference(k, d, args))] if REFERENCE in args.methods else []
+            jobs += [(m, lambda m=m: run_online(m, k, d, args, timed)) for m in args.methods if m in ONLINE]
             group = []
-            for m in args.methods:
+            for m, job in jobs:
                 try:
-                    row = run_config(m, k, d, args)
+                    row = job()
                 except Exception as e:  # keep going: report the failure
                     row = {"method": m, "k": k, "density": d, "status": f"error: {type(e).__name__}: {e}"[:200]}
                 group.append(row)
-            base = next((r for r in group if r["method"] == "bptt" and r.get("status") == "ok"), None)
+            base = next((r for r in group if r["method"] == REFERENCE and r.get("status") == "ok"), None)
             for r in group:
                 if base is not None and r.get("status") == "ok":
                     r["ratio_bptt_per_example"] = r["us_per_step_per_example"] / base["us_per_step_per_example"]

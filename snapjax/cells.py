@@ -48,8 +48,10 @@ unit (MGU, flax.linen.MGUCell's maths: ``f = σ(x W_if + b_if + h W_hf)``,
     >>> verify_spec(spec, params)                # compressed Jacobians == jax.jvp (else ValueError)
 
 The spec now gets every method (``snapjax.online_method("snap1", spec, params)``).  A ``phi``
-that mixes units (a layer norm over the units, say) is refused by :func:`verify_spec`: use the
-generic dense path for it (``snapjax.as_recurrent(module, generic=True)``).
+that mixes units (a layer norm over the units, say) is refused by :func:`verify_spec`
+(:mod:`snapjax.verify`): use the generic dense path for it (``snapjax.as_recurrent(module,
+generic=True)``).  The flax.linen modules ``VanillaCell``/``GRUCell``/``LSTMCell`` live in
+:mod:`snapjax.cell_modules`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -438,261 +439,13 @@ def as_cell_spec(cell: Any, params: PyTree | None = None) -> CellSpec:
     )
 
 
-# ---------------------------------------------------------------------------
-# Flax modules.
-
-
-class _SpecCell(nn.Module):
-    """Base class: a flax.linen recurrent cell defined by a :class:`CellSpec`."""
-
-    features: int
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    recurrent_kernel_init: Callable = nn.initializers.orthogonal()
-    bias_init: Callable = nn.initializers.zeros_init()
-    param_dtype: Any = jnp.float32
-
-    @property
-    def spec(self) -> CellSpec:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @nn.compact
-    def __call__(self, carry, inputs):
-        spec = self.spec
-        params = self._params_from_scope(inputs.shape[-1])
-        s = cell_step(spec, params, spec.to_internal(carry), inputs)
-        return spec.from_internal(s), spec.layer_output(s)
-
-    def _params_from_scope(self, n_in: int) -> dict:
-        spec = self.spec
-        params = {}
-        for p in spec.projections:
-            init = self.kernel_init if p.source == "input" else self.recurrent_kernel_init
-            rows = n_in if p.source == "input" else self.features
-            scope = _Leaf(name=p.name, shape=(rows, self.features), use_bias=p.use_bias,
-                          kernel_init=init, bias_init=self.bias_init, param_dtype=self.param_dtype)
-            params[p.name] = scope()
-        for q in spec.unit_params:
-            params[q] = self.param(q, self._unit_param_init(q), (self.features,), self.param_dtype)
-        return params
-
-    def _unit_param_init(self, name: str) -> Callable:  # pragma: no cover - overridden when used
-        raise NotImplementedError(name)
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape):
-        del rng
-        batch = input_shape[:-1]
-        zeros = jnp.zeros(batch + (self.features,), self.param_dtype)
-        if self.spec.carry_kind == "array":
-            return zeros
-        return tuple(zeros for _ in range(self.spec.state_dim))
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class _Leaf(nn.Module):
-    """Holds one projection's ``kernel`` (and ``bias``) under the flax.linen names."""
-
-    shape: tuple[int, int]
-    use_bias: bool
-    kernel_init: Callable
-    bias_init: Callable
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self):
-        out = {"kernel": self.param("kernel", self.kernel_init, self.shape, self.param_dtype)}
-        if self.use_bias:
-            out["bias"] = self.param("bias", self.bias_init, (self.shape[1],), self.param_dtype)
-        return out
-
-
-class VanillaCell(_SpecCell):
-    """Elman tanh cell with flax.linen.SimpleCell's parameter layout (``i``, ``h``)."""
-
-    activation_fn: Callable = jnp.tanh
-
-    @property
-    def spec(self) -> CellSpec:
-        return vanilla_spec(self.features, self.activation_fn)
-
-
-class GRUCell(_SpecCell):
-    """GRU with flax.linen.GRUCell's parameter layout and maths (see :func:`gru_spec`)."""
-
-    gate_fn: Callable = jax.nn.sigmoid
-    activation_fn: Callable = jnp.tanh
-
-    @property
-    def spec(self) -> CellSpec:
-        return gru_spec(self.features, self.gate_fn, self.activation_fn)
-
-
-class LSTMCell(_SpecCell):
-    """LSTM with flax.linen.LSTMCell's parameter layout; carry ``(c, h)``."""
-
-    gate_fn: Callable = jax.nn.sigmoid
-    activation_fn: Callable = jnp.tanh
-
-    @property
-    def spec(self) -> CellSpec:
-        return lstm_spec(self.features, self.gate_fn, self.activation_fn)
-
-
 def projection_names(spec: CellSpec, source: str | None = None) -> Sequence[str]:
     return [p.name for p in spec.projections if source is None or p.source == source]
 
 
 # ---------------------------------------------------------------------------
-# Verification of a (user) CellSpec against autodiff.
-
-_FALLBACK = "pass the cell as a flax module (generic dense path: snapjax.as_recurrent(module, generic=True))"
-
-
-def _check_verify_masks(spec: CellSpec, params: PyTree, masks: Any) -> dict:
-    out = {p.name: None for p in spec.projections}
-    if masks is None:
-        return out
-    if not isinstance(masks, Mapping):
-        raise ValueError(f"{spec.name}: masks must be a dict projection name -> 0/1 array, got {type(masks).__name__}")
-    for name, m in masks.items():
-        if name not in out:
-            raise ValueError(f"{spec.name}: mask for unknown projection {name!r}; projections are {sorted(out)}")
-        if m is None:
-            continue
-        m = np.asarray(m)
-        kshape = tuple(np.shape(params[name]["kernel"]))
-        if m.shape != kshape or not (m.dtype == bool or np.isin(m, (0, 1)).all()):
-            raise ValueError(f"{spec.name}: mask {name!r} must be a 0/1 array of shape {kshape}, got shape {m.shape}")
-        out[name] = m.astype(bool)
-    return out
-
-
-def _rel_err(a: Array, b: Array) -> Array:
-    scale = jnp.maximum(jnp.maximum(jnp.linalg.norm(a), jnp.linalg.norm(b)), jnp.finfo(a.dtype).tiny)
-    return jnp.linalg.norm(a - b) / scale
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _verify_errors(spec: CellSpec, params, masks, s, x, probes):
-    """Relative errors (phi alone; the step's D·v + I·w) of the compressed form against ``jax.jvp``."""
-    from snapjax.jacobians import step_jacobians
-
-    t_pre, t_unit, t_s, v, w = probes
-    jac = step_jacobians(spec, params, s, x, masks)
-    pre = preactivations(spec, params, spec.output(s), x, masks)
-    unit = {q: params[q] for q in spec.unit_params}
-    # phi alone: diagonal derivatives (from all-ones tangents) against random-direction JVPs.
-    phi_ref = jax.vmap(lambda tp, tu, ts: jax.jvp(spec.phi, (pre, unit, s), (tp, tu, ts))[1])(t_pre, t_unit, t_s)
-    names = [p.name for p in spec.projections]
-    phi_cmp = jnp.einsum("buap,nbup->nbua", jac.dphi_pre, jnp.stack([t_pre[n] for n in names], -1))
-    phi_cmp += jnp.einsum("buac,nbuc->nbua", jac.dphi_state, t_s)
-    if spec.unit_params:
-        phi_cmp += jnp.einsum("buaq,nuq->nbua", jac.dphi_unit, jnp.stack([t_unit[q] for q in spec.unit_params], -1))
-    # the whole step: D·v + I·w from the compressed factors against one JVP of cell_step.
-    step = lambda st, th: cell_step(spec, th, st, x, masks)  # noqa: E731
-    ref = jax.vmap(lambda vv, ww: jax.jvp(step, (s, params), (vv, ww))[1])(v, w)
-    # (D v)[u,a] = Σ_c dphi_state[u,a,c] v[u,c] + Σ_{p∈state} dphi_pre[u,a,p] (v[:, readout] @ W_p ⊙ M_p)[u]
-    d_cmp = jnp.einsum("buac,nbuc->nbua", jac.dphi_state, v)
-    for j, p in enumerate(spec.projections):
-        if p.source == "state":
-            d_cmp += jac.dphi_pre[..., j] * (v[..., spec.readout] @ masked_kernel(params, p.name, masks))[..., None]
-
-    def immediate(ww):  # Σ_{j} ∂s'_{i,a}/∂W_p[j,i] w_p[j,i] = dphi_pre[i,a,p] (v_p @ w_p)[i], + biases, unit params
-        out = jnp.zeros_like(s)
-        for j, p in enumerate(spec.projections):
-            a = jac.inputs[p.source] @ masked_kernel(ww, p.name, masks)
-            if p.use_bias:
-                a = a + ww[p.name]["bias"]
-            out += jac.dphi_pre[..., j] * a[..., None]
-        for j, q in enumerate(spec.unit_params):
-            out += jac.dphi_unit[..., j] * ww[q][:, None]
-        return out
-
-    step_cmp = d_cmp + jax.vmap(immediate)(w)
-    finite = jnp.all(jnp.array([jnp.isfinite(t).all() for t in (phi_ref, phi_cmp, ref, step_cmp)]))
-    return _rel_err(phi_cmp, phi_ref), _rel_err(step_cmp, ref), finite
-
-
-def verify_spec(spec: CellSpec, params: PyTree, masks: PyTree | None = None, *, seed: int = 0) -> None:
-    """Check ``spec``'s compressed Jacobians against ``jax.jvp`` of its step; raise if they differ.
-
-    The compressed form (:mod:`snapjax.jacobians`) is exact only if ``phi`` acts unit by unit
-    and the projections are the linear maps of the parameters the spec declares.  At a random
-    state ``s (2, units, m)`` (``N(0, 0.25)``), input ``x (2, n_in)`` and random kernels
-    (``N(0, 1/rows)``) and biases (``N(0, 0.25)``) of ``params``' shapes (unit parameters keep
-    their given values when concrete, as they may have a restricted domain), with 2 random
-    tangents each, it compares
-
-    * ``phi`` alone: ``Σ_p ∂φ/∂a_p ⊙ t_p + Σ_q ∂φ/∂θᵘ_q ⊙ t_q + (∂φ/∂s) t_s`` (the diagonal
-      derivatives that snapjax obtains from all-ones tangents) with ``jax.jvp(phi)``;
-    * the step: ``D·v + I·w`` built from those factors as every method builds ``D`` and ``I``
-      (:mod:`snapjax.jacobians`: ``D v = dphi_state v + Σ_{p∈state} dphi_pre_p ⊙ (v_h (W_p ⊙ M_p))``,
-      kernel entry ``W_p[j, i]`` ↦ ``dphi_pre[i, a, p]·v_p[j]``, biases, unit parameters) against
-      ``jax.jvp`` of :func:`cell_step` in ``(s, θ)`` along random ``(v, w)``.
-
-    Cost: a few JVPs and matrix-vector products of the step's size; never ``D`` (``k × k``)
-    nor a ``k × p`` matrix, so it stays cheap for large cells.  Runs in
-    float64 when ``jax_enable_x64`` is on (tolerance ``1e-8`` on the relative error), else in
-    float32 with matmul precision ``"highest"`` (tolerance ``1e-4``).
-
-    Args:
-      spec: the cell.  params: its parameter dict (arrays or ``jax.ShapeDtypeStruct``).
-      masks: optional static 0/1 masks per projection name.  seed: of the random point.
-
-    Raises:
-      ValueError: bad ``params``/``masks`` layout; ``phi`` mixes units or examples ("the update
-        mixes units (phi is not unit-wise)"); the step disagrees with the projections
-        ("projections disagree with the parameters"); non-finite values at the random point.
-    """
-    if not isinstance(spec, CellSpec):
-        raise ValueError(f"verify_spec needs a CellSpec, got {type(spec).__name__}")
-    spec.check_params(params)
-    masks = _check_verify_masks(spec, params, masks)
-    x64 = bool(jax.config.jax_enable_x64)
-    dtype, tol, B, n = (jnp.float64 if x64 else jnp.float32), (1e-8 if x64 else 1e-4), 2, 2
-    rng = np.random.default_rng(seed)
-    normal = lambda shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
-    with jax.ensure_compile_time_eval(), jax.default_matmul_precision("highest"):
-        point = {}
-        for p in spec.projections:
-            rows = np.shape(params[p.name]["kernel"])[0]
-            point[p.name] = {"kernel": normal((rows, spec.units), 1.0 / np.sqrt(rows))}
-            if p.use_bias:
-                point[p.name]["bias"] = normal((spec.units,), 0.5)
-        for q in spec.unit_params:
-            given = params[q]
-            concrete = not isinstance(given, (jax.ShapeDtypeStruct, jax.core.Tracer))
-            point[q] = np.asarray(given, dtype) if concrete else normal((spec.units,), 0.5)
-        s = normal((B, spec.units, spec.state_dim), 0.5)
-        x = normal((B, spec.input_size(params)))
-        out = jax.eval_shape(lambda: cell_step(spec, point, s, x, masks))
-        if out.shape != s.shape:
-            raise ValueError(f"{spec.name}: phi must return shape (B, units, state_dim) = {s.shape}, got {out.shape}")
-        probes = (
-            {p.name: normal((n, B, spec.units)) for p in spec.projections},
-            {q: normal((n, spec.units)) for q in spec.unit_params},
-            normal((n, B, spec.units, spec.state_dim)),
-            normal((n, B, spec.units, spec.state_dim)),
-            jax.tree.map(lambda a: normal((n,) + a.shape), point),
-        )
-        e_phi, e_step, finite = (np.asarray(e) for e in _verify_errors(spec, point, masks, s, x, probes))
-    if not finite:
-        raise ValueError(
-            f"{spec.name}: the step gave non-finite values or derivatives at a random point (seed={seed}), "
-            "so the compressed Jacobians cannot be checked; pass concrete unit parameters, another seed, "
-            "or online_method(..., verify=False) if the cell is known to be unit-wise"
-        )
-    if e_phi > tol:
-        raise ValueError(
-            f"{spec.name}: the update mixes units (phi is not unit-wise): jax.jvp of phi differs from the "
-            f"unit-wise derivatives snapjax uses, relative error {e_phi:.2e} > {tol:.0e}. RTRL/SnAp's compressed "
-            f"Jacobians would be wrong for this cell; {_FALLBACK}"
-        )
-    if e_step > tol:
-        raise ValueError(
-            f"{spec.name}: the projections disagree with the parameters: the compressed Jacobians differ from "
-            f"jax.jvp of the step, relative error of D·v + I·w {e_step:.2e} > {tol:.0e}; {_FALLBACK}"
-        )
+# Re-exports (``from snapjax.cells import GRUCell, _SpecCell, verify_spec`` keeps working).  Those
+# modules import this one, so they are imported last, once every name they use is defined; the
+# package __init__ imports snapjax.cells first, so this module always starts loading before them.
+from snapjax.cell_modules import GRUCell, LSTMCell, VanillaCell, _Leaf, _SpecCell  # noqa: E402, F401
+from snapjax.verify import verify_spec  # noqa: E402, F401

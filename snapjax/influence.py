@@ -455,10 +455,21 @@ def influence_tracker(
     }
     if layout not in (None, "diag", "table", "dense"):
         raise ValueError(f"unknown layout {layout!r}: expected 'diag', 'table' or 'dense'")
+    unit_diagonal = not any(p.source == "state" for p in spec.projections)
     allowed = ("dense",) if method == "rtrl" else ("diag",) if n == 1 else ("table", "dense")
+    if unit_diagonal:
+        allowed = allowed + ("diag",) * ("diag" not in allowed)
     if layout is not None and layout not in allowed:
         raise ValueError(f"layout {layout!r} is not available for {method}{n or ''}; use one of {allowed}")
-    if method == "rtrl":
+    if unit_diagonal and layout in (None, "diag"):
+        # No recurrent projection (e.g. the LRU): D is block-diagonal per unit, so the influence
+        # of a unit's parameters stays on that unit's m components for ever.  Exact RTRL is then
+        # the "diag" storage with full per-unit blocks at O(p·m²) per step, and SnAp-n for every
+        # n keeps the same blocks (SnAp at unit granularity), i.e. equals exact RTRL.
+        table = neighbour_table(spec, None, 1)
+        layout = "diag"
+        patterns = None
+    elif method == "rtrl":
         table = neighbour_table(spec, None, spec.units)
         layout = "dense"
         patterns = None

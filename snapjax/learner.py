@@ -38,7 +38,7 @@ import optax
 from jax import lax
 
 from snapjax.losses import Loss, get_loss
-from snapjax.methods import OnlineMethod, online_method
+from snapjax.methods import OnlineMethod, check_options, online_method
 from snapjax.methods.base import check_batch_size, is_key, select_examples, typed_key
 from snapjax.model import OnlineModel, Stage, backward, contain, forward, forward_only, head_output
 from snapjax.transforms import masked_updates, tree_all_finite
@@ -112,8 +112,11 @@ class OnlineLearner:
       update_every: optimizer period ``K`` (steps); default: the methods' period (1, or the
         TBPTT window).  Must be a multiple of every method's period.
       masks: static 0/1 masks per projection (one recurrent layer), or ``{"layers_i": {...}}``.
-      n, precision, tbptt_window, chunk: passed to :func:`snapjax.online_method` (``chunk``: run
-        RTRL / SnAp-1 chunk-wise, ``"auto"`` = ``update_every`` when it is > 1).
+      n, precision, tbptt_window: passed to :func:`snapjax.online_method` (``tbptt_window`` is
+        its ``window``).
+      chunked: when ``update_every = K > 1``, run the methods that have a chunked form (exact
+        RTRL, SnAp-1) chunk-wise over each K-step period: the same gradients, much cheaper
+        (:mod:`snapjax.methods.chunked`).  ``chunk``: force a chunk length.
       stack: ``"layerwise"`` (one method per recurrent layer) or ``"combined"`` (one stage).
       encoder: ``"step"`` or ``"exact"`` (see :mod:`snapjax.model`).
       guard: per-example fault containment (module docstring).
@@ -131,7 +134,8 @@ class OnlineLearner:
     n: int | None = None
     precision: Any = None
     tbptt_window: int | None = None
-    chunk: int | str | None = None
+    chunk: int | None = None
+    chunked: bool = True
     stack: Literal["layerwise", "combined"] = "layerwise"
     encoder: Literal["step", "exact"] = "step"
     guard: bool = True
@@ -146,7 +150,8 @@ class OnlineLearner:
                 if isinstance(self.readout_size, bool) or not isinstance(self.readout_size, (int, np.integer)) \
                         or self.readout_size < 1:
                     raise ValueError(f"readout_size must be a positive int, got {self.readout_size!r}")
-                layers.append(nn.Dense(int(self.readout_size)))
+                dtype = next((getattr(m, "param_dtype") for m in layers if hasattr(m, "param_dtype")), jnp.float32)
+                layers.append(nn.Dense(int(self.readout_size), param_dtype=dtype))
             model = OnlineModel(layers)
         elif self.readout_size is not None:
             raise ValueError("readout_size is only for a cell or a list of layers; add the head to the OnlineModel")
@@ -166,18 +171,9 @@ class OnlineLearner:
         object.__setattr__(self, "_method_specs", tuple(methods))
         object.__setattr__(self, "_loss", get_loss(self.loss))
         object.__setattr__(self, "_cache", {})
-        # validate names (and the TBPTT window) now, not at the first step
-        for m in methods:
+        for m in methods:  # validate names and options now, not at the first step
             if isinstance(m, str):
-                from snapjax.methods import parse_method_name
-
-                kind, _ = parse_method_name(m, self.n)
-                if kind == "tbptt" and self.tbptt_window is None:
-                    raise ValueError("method 'tbptt' needs tbptt_window=W")
-        if self.tbptt_window is not None and not any(
-            isinstance(m, str) and m.lower().startswith("tbptt") for m in methods
-        ):
-            raise ValueError("tbptt_window is only used with method='tbptt'")
+                check_options(m, self.n, self.tbptt_window)
 
     @staticmethod
     def _check_positive(name, value, allow_none=False):
@@ -211,17 +207,12 @@ class OnlineLearner:
             if isinstance(spec, OnlineMethod):
                 out.append(spec)
                 continue
-            chunk = self.chunk
-            if chunk == "auto":
-                chunk = self.update_every if (self.update_every or 1) > 1 else None
-            kw = dict(n=self.n, masks=self._stage_masks(stage), precision=self.precision, input_size=sizes[stage.index])
-            from snapjax.methods import parse_method_name
-
-            kind, n = parse_method_name(spec, self.n)
-            if kind == "tbptt":
-                kw["window"] = self.tbptt_window
-            if chunk is not None and (kind == "rtrl" or (kind == "snap" and n == 1)):
-                kw["chunk"] = chunk
+            kw = dict(n=self.n, masks=self._stage_masks(stage), precision=self.precision,
+                      input_size=sizes[stage.index], window=self.tbptt_window)
+            if self.chunk is not None:
+                kw.update(chunk=self.chunk, chunk_policy="require")
+            elif self.chunked and (self.update_every or 1) > 1:
+                kw.update(chunk=self.update_every, chunk_policy="prefer")
             out.append(online_method(spec, stage.module, stage.params(params), **kw))
         periods = [m.period for m in out]
         K = self.update_every if self.update_every is not None else int(np.lcm.reduce(periods))

@@ -17,6 +17,9 @@ How gradients reach each parameter (the *stack approximation*, Zucchet et al. 20
 * feed-forward parameters are trained by backpropagation within the step (``encoder="step"``),
   or (``encoder="exact"``) the modules below the first recurrent layer join that stage, whose
   method then carries their influence too (a generic stage: dense per-example Jacobians);
+* flax.nnx cells (``GRUCell``, ``LSTMCell``, ``OptimizedLSTMCell``, ``SimpleCell``) are
+  converted with :func:`snapjax.from_nnx`; their current values are the initial parameters
+  (write trained ones back with :func:`snapjax.to_nnx`);
 * ``stack="combined"`` makes one stage of everything from the first to the last recurrent
   layer (and the encoder with ``encoder="exact"``): exact RTRL on the combined state equals BPTT.
 
@@ -50,7 +53,7 @@ __all__ = ["OnlineModel", "Stage", "chain_recurrent", "is_recurrent", "forward",
 
 def is_recurrent(module: Any) -> bool:
     """Whether ``module`` is a recurrent layer (a cell) rather than a feed-forward module."""
-    if isinstance(module, Recurrent) or hasattr(module, "spec"):
+    if isinstance(module, (Recurrent, NNXLayer)) or hasattr(module, "spec"):
         return True
     if isinstance(module, nn.RNNCellBase):
         return True
@@ -61,6 +64,30 @@ def is_recurrent(module: Any) -> bool:
         return True
     except ValueError:
         return False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXLayer:
+    """A flax.nnx recurrent cell in a model: its compressed ``spec`` and its parameter values
+    at construction in the linen layout (the initial parameters; write trained ones back with
+    :func:`snapjax.to_nnx`)."""
+
+    spec: Any
+    params: Any
+    cell: Any
+
+
+def _from_nnx_layer(m: Any) -> Any:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax always ships nnx here
+        return m
+    if isinstance(m, nnx.Module):
+        from snapjax.nnx import from_nnx
+
+        spec, params = from_nnx(m)
+        return NNXLayer(spec, params, m)
+    return m
 
 
 def _ff_apply(module: nn.Module) -> Callable[[PyTree, Array], Array]:
@@ -145,7 +172,7 @@ class OnlineModel:
     layers: tuple
 
     def __init__(self, layers: Sequence[Any]):
-        layers = tuple(layers)
+        layers = tuple(_from_nnx_layer(m) for m in layers)
         if not layers:
             raise ValueError("OnlineModel needs at least one layer")
         flags = tuple(is_recurrent(m) for m in layers)
@@ -203,7 +230,7 @@ class OnlineModel:
             h = jnp.zeros((1, size), dtype)
             if r:
                 rec = as_recurrent(m)
-                p = rec.init_params(k, size, dtype)
+                p = m.params if isinstance(m, NNXLayer) else rec.init_params(k, size, dtype)
                 size = int(jnp.shape(rec.output(rec.apply(p, rec.init_carry(1, dtype), h)))[-1])
             else:
                 variables = m.init(k, h)

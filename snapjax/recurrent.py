@@ -121,6 +121,8 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
     """
     if isinstance(cell, Recurrent):
         return cell
+    if type(cell).__name__ == "NNXLayer":  # snapjax.model.NNXLayer: an nnx cell's spec
+        cell = cell.spec
     if not generic:
         try:
             spec = as_cell_spec(cell)

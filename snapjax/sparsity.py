@@ -154,8 +154,10 @@ def snap_pattern_size(cell: Any, params: PyTree, masks: Mapping[str, Any] | None
     """Entries of the SnAp-``n`` pattern ``M_n`` per example (``n=None``: exact RTRL).
 
     This is ``influence_tracker(...).pattern_count()``: for each unmasked parameter, the number
-    of state entries it can influence within ``n`` steps (``m`` per unit for SnAp-1, all
-    ``k`` for RTRL).  The memory actually stored, padding included, is
+    of state entries it can influence within ``n`` steps (at most ``m`` per unit for SnAp-1, all
+    ``k`` for RTRL).  Entries whose derivative is structurally zero are not counted: e.g. in a
+    cell without biases, a fully masked column ``u`` of ``W_hn`` makes ``a_hn[u] ≡ 0``, so the
+    reset-gate parameters of unit ``u`` influence nothing (see :mod:`snapjax.patterns`).  The memory actually stored, padding included, is
     ``influence_tracker(...).num_stored()`` (≥ this; equal for SnAp-1 with
     ``random_masks(..., fan_in=True)``).  Multiply by the dtype size and the batch for bytes.
     """

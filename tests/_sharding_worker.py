@@ -12,7 +12,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 jax.config.update("jax_enable_x64", True)
 
 import snapjax as sj  # noqa: E402
-from snapjax.online import OnlineLearner, shard_batch  # noqa: E402
 
 
 def main(method: str) -> None:
@@ -20,7 +19,7 @@ def main(method: str) -> None:
     assert len(devices) == 8, devices
     B, n_in, T = 16, 3, 6
     kw = {"tbptt_window": 3} if method == "tbptt" else {}
-    learner = OnlineLearner(
+    learner = sj.OnlineLearner(
         sj.GRUCell(6, param_dtype=jnp.float64), 3, method=method, optimizer=optax.adam(1e-2), update_every=1 if kw else 2, **kw
     )
     state = learner.init(jax.random.key(0), None, batch_size=B, input_size=n_in)
@@ -33,12 +32,12 @@ def main(method: str) -> None:
     ref_state, ref_out, ref_met = run(jax.device_put(state, devices[0]), xs, ys, masks)
 
     mesh = Mesh(np.array(devices), ("batch",))
-    sh_state = shard_batch(state, mesh, "batch")
+    sh_state = sj.shard_batch(learner, state, mesh, "batch")
     data = NamedSharding(mesh, P(None, "batch"))
-    carry_sharding = sh_state.carry.sharding
+    carry_sharding = sh_state.carry[0].sharding
     assert carry_sharding.spec == P("batch"), carry_sharding
-    assert len(sh_state.carry.addressable_shards) == 8
-    assert sh_state.carry.addressable_shards[0].data.shape[0] == B // 8
+    assert len(sh_state.carry[0].addressable_shards) == 8
+    assert sh_state.carry[0].addressable_shards[0].data.shape[0] == B // 8
     out_state, out, met = run(sh_state, jax.device_put(xs, data), jax.device_put(ys, data), jax.device_put(masks, data))
     # the per-example state stays sharded over the batch
     for leaf in jax.tree.leaves((out_state.carry, out_state.method_state)):

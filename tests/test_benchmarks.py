@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+
+import snapjax as sj
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -31,26 +35,50 @@ NO_TIME_CAP = 1e9  # seconds: the token / character budgets end every run, never
 
 
 def test_make_masks_density():
-    tr = common.ChunkedLearner(8, NUM_TOKENS, 2, "snap1", optax.adam(1e-3))
-    params = tr.init_params(jax.random.PRNGKey(0))["cell"]
-    assert common.make_masks(0, params, 1.0, tr.spec) is None
-    masks = common.make_masks(0, params, 0.25, tr.spec)
-    assert set(masks) == {p.name for p in tr.spec.projections}
+    params = common.cell_params(jax.random.key(0), 8, NUM_TOKENS)
+    assert common.make_masks(0, 8, NUM_TOKENS, 1.0) is None
+    masks = common.make_masks(0, 8, NUM_TOKENS, 0.25)
+    assert set(masks) == {p.name for p in sj.GRUCell(8).spec.projections}
     for name, m in masks.items():
         assert m.shape == np.shape(params[name]["kernel"]) and m.dtype == bool
         assert 0 < m.mean() <= 0.5
+    again = common.make_masks(0, 8, NUM_TOKENS, 0.25)
+    assert all((masks[k] == again[k]).all() for k in masks)  # a function of the seed only
+
+
+def test_display_name():
+    names = ["snap1", "snap3", "rtrl", "uoro", "tbptt8", "activity", "rtrl-chunk32"]
+    assert [common.display_name(n) for n in names] == [
+        "SnAp-1", "SnAp-3", "RTRL", "UORO", "TBPTT-8", "ACTIVITY", "RTRL-chunk32"]
+
+
+def test_driver_reads_period_and_label_from_the_methods():
+    """The driver asks the built methods (no switch on the name): label, optimiser period, chunk
+    rounded up to a multiple of the period, state floats = ``num_stored``."""
+    cases = [("snap1", {}, 1, "SnAp-1"), ("uoro", {}, 1, "UORO"), ("tbptt", {"tbptt_window": 4}, 4, "TBPTT-4")]
+    for name, options, period, label in cases:
+        tr = common.ChunkedLearner(6, NUM_TOKENS, 2, name, optax.adam(1e-2), chunk=5, **options)
+        assert (tr.label, tr.period, tr.chunk) == (label, period, period * -(-5 // period))
+        (m,) = tr.methods
+        assert tr.influence_floats() == m.num_stored() > 0
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        common.ChunkedLearner(6, NUM_TOKENS, 2, "snap1", optax.adam(1e-2), chunk=0)
+    with pytest.raises(ValueError, match="tbptt_window"):
+        common.ChunkedLearner(6, NUM_TOKENS, 2, "tbptt", optax.adam(1e-2))
+    with pytest.raises(ValueError, match="known methods"):
+        common.check_methods(["snap1", "bogus"])
 
 
 def test_chunking_is_invisible():
-    """Processing a sequence in chunks of 3 or 16 steps (with padded, skipped steps) gives the
-    same losses and parameters: padding must not change the computation."""
-    key = jax.random.PRNGKey(1)
+    """Processing a sequence in chunks of 3 or 16 steps (the tail padded with a zero loss mask)
+    gives the same losses and parameters: padding must not change what is learned."""
+    key = jax.random.key(1)
     batch = copy_task_batch(key, 4, 5)
     inputs, targets, mask = (np.asarray(a) for a in batch)
     out = []
     for chunk in (3, 16):
         tr = common.ChunkedLearner(6, NUM_TOKENS, 2, "snap1", optax.adam(1e-2), chunk=chunk)
-        ts = tr.init(jax.random.PRNGKey(0), 4)
+        ts = tr.init(jax.random.key(0), 4)
         ts, ce = common.run_sequence(tr, ts, inputs, targets, mask)
         ts, ce2 = common.run_sequence(tr, tr.reset(ts), inputs, targets, mask)
         assert ce.shape == inputs.shape
@@ -59,6 +87,37 @@ def test_chunking_is_invisible():
     assert out[0][2] == out[1][2] == 2 * 5  # one update per scored step
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tbptt_windows_align_with_each_sequence(x64):
+    """A sequence padded to whole windows: after a reset, truncated BPTT with window = chunk =
+    the padded length takes one step per sequence whose gradient is the BPTT gradient of the
+    sequence's masked loss (the same update as OnlineLearner fed the unpadded sequence as one
+    window), so every sequence starts its own window."""
+    batch = copy_task_batch(jax.random.key(2), 3, 2)  # T = 5
+    inputs, targets, mask = (np.asarray(a)[:5] for a in batch)
+    tr = common.ChunkedLearner(5, NUM_TOKENS, 2, "tbptt", optax.sgd(0.5), chunk=4, tbptt_window=8)
+    assert tr.chunk == 8
+    ts = tr.init(jax.random.key(3), 3)
+    p0 = ts.params
+    for _ in range(2):
+        ts, ce = common.run_sequence(tr, tr.reset(ts), inputs, targets, mask)
+    assert int(ts.updates) == 2 and int(ts.online.step) == 16
+
+    # reference: BPTT of Σ_t masked mean CE_t over the 5 real steps, one SGD step per sequence
+    learner = tr.learner
+
+    def seq_loss(params):
+        xs = jax.nn.one_hot(inputs, NUM_TOKENS, dtype=jnp.float64)
+        per = learner.evaluate(params, xs, targets, mask)["per_step"]
+        return jnp.sum(per)
+
+    p = p0
+    for _ in range(2):
+        g = jax.grad(seq_loss)(p)
+        p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
+    for a, b in zip(jax.tree.leaves(ts.params), jax.tree.leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_copy_task_tiny_end_to_end(tmp_path):

@@ -132,16 +132,19 @@ def test_chunked_equals_per_step_and_bptt(x64, kind, masked, k_rtrl, k_snap):
 
 
 def test_egru_and_online_method_entry(x64):
-    """EGRU (unit parameter: the threshold) through ``snapjax.online_method(..., chunk=K)``."""
+    """EGRU (a unit parameter: the threshold) through ``snapjax.online_method(..., chunk=K)``
+    and the ``lax.scan`` driver (which flushes the ragged last chunk): RTRL == BPTT, SnAp-1 ==
+    per-step SnAp-1."""
     T, units = 6, 4
     cell, params, _ = _setup("egru", units, seed=2)
     xs, ys = _data(T, units, seed=3)
+    refs = {"rtrl": bptt_gradient(cell, params, None, xs, ys, _loss).grads,
+            "snap1": _drive(sj.online_method("snap1", cell, params), params, xs, ys)[0][0]}
     for name in ("rtrl", "snap1"):
         ch = sj.online_method(name, cell, params, chunk=4)
         assert isinstance(ch, ChunkedInfluence) and ch.period == 4
-        g_ref, _, _ = _drive(sj.online_method(name, cell, params), params, xs, ys)[0]
-        out = sj.online_gradient(ch, params, None, xs, ys, _loss)  # lax.scan driver, flushes T % 4
-        assert tree_rel_err(out.grads, g_ref) < TOL
+        out = sj.online_gradient(ch, params, None, xs, ys, _loss)
+        assert tree_rel_err(out.grads, refs[name]) < TOL
         assert float(jnp.abs(out.grads["threshold"]).sum()) > 0
 
 
@@ -205,19 +208,20 @@ def test_compiles_once_over_chunks(x64):
 
 @pytest.mark.parametrize("name,n", [("rtrl", None), ("snap1", 1)])
 def test_bfloat16_influence_storage(name, n):
-    """A bfloat16 influence stays bfloat16 (per-step and chunked) and its gradient is close to
-    the float32 one (arithmetic is float32; only the stored J is rounded)."""
+    """A bfloat16 influence stays bfloat16 (per-step and chunked), the gradient comes out in
+    float32 (the arithmetic is float32; only the stored J is rounded) and is close to the
+    float32-storage gradient."""
     cell = sj.GRUCell(8)
     params = cell.init(jax.random.key(0), jnp.zeros((B, 8)), jnp.zeros((B, N_IN)))["params"]
     xs = jax.random.normal(jax.random.key(1), (12, B, N_IN))
     ys = jax.random.normal(jax.random.key(2), (12, B, 8))
-    for method in (sj.online_method(name, cell, params), chunked_method(cell, params, n=n, chunk=4)):
-        f32 = sj.online_gradient(method, params, None, xs, ys, _loss)
+    per_step = sj.online_method(name, cell, params)
+    ref = sj.online_gradient(per_step, params, None, xs, ys, _loss).grads
+    for method in (per_step, chunked_method(cell, params, n=n, chunk=4)):
         bf = sj.online_gradient(method, params, None, xs, ys, _loss, method_state=method.init(B, jnp.bfloat16))
-        J = bf.final_method_state.influence
-        assert {a.dtype for a in jax.tree.leaves(J)} == {jnp.dtype(jnp.bfloat16)}
+        assert {a.dtype for a in jax.tree.leaves(bf.final_method_state.influence)} == {jnp.dtype(jnp.bfloat16)}
         assert {a.dtype for a in jax.tree.leaves(bf.grads)} == {jnp.dtype(jnp.float32)}
-        err = tree_rel_err(bf.grads, f32.grads)
+        err = tree_rel_err(bf.grads, ref)
         assert 0 < err < 2e-2, (method.name, err)
 
 

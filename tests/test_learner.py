@@ -219,3 +219,44 @@ def test_reset_carry_only_touches_selected_examples():
     for a, b in zip(jax.tree.leaves(reset.method_state), jax.tree.leaves(state.method_state)):
         assert np.all(np.asarray(a)[[0, 2]] == 0)
         np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_nnx_cell_trains_online_and_parameters_land_in_the_module():
+    """An nnx LSTM trained online equals its linen twin from the same initial weights, and the
+    trained parameters are written back into the nnx module."""
+    from flax import nnx
+
+    cell = nnx.LSTMCell(2, 4, rngs=nnx.Rngs(0))
+    _, p_cell = sj.from_nnx(cell)
+    head = nn.Dense(2)
+    p_head = head.init(jax.random.key(1), jnp.zeros((1, 4)))["params"]
+    xs, ys = delayed_bit_task(jax.random.key(2), 30, 4, delay=1)
+    xs = jnp.concatenate([xs, -xs], axis=-1)
+    runs = []
+    for first in (cell, nn.LSTMCell(4)):
+        learner = sj.OnlineLearner([first, head], method="snap1", optimizer=optax.adam(1e-2))
+        state = learner.init(jax.random.key(0), {"layers_0": p_cell, "layers_1": p_head}, batch_size=4, input_size=2)
+        runs.append(jax.jit(learner.run)(state, xs, ys)[0])
+    chex.assert_trees_all_close(runs[0].params, runs[1].params, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(runs[0].params["layers_0"]["hi"]["kernel"], p_cell["hi"]["kernel"])
+    sj.to_nnx(cell, runs[0].params["layers_0"])
+    _, back = sj.from_nnx(cell)
+    chex.assert_trees_all_close(back, runs[0].params["layers_0"], rtol=0, atol=0)
+
+
+def test_no_code_switches_on_the_method_kind():
+    """Above the constructor, code never asks which method it has (issue #12)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](rtrl|snap\d*|uoro|tbptt|activity)["']""")
+    allowed = {root / "snapjax" / "methods" / "__init__.py", root / "snapjax" / "influence.py"}
+    hits = []
+    for path in list((root / "snapjax").rglob("*.py")) + list((root / "benchmarks").rglob("*.py")):
+        if path in allowed:
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                hits.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

@@ -148,22 +148,17 @@ def test_diagonal_rtrl_reference_equals_bptt(x64):
     assert tree_rel_err(_diagonal_rtrl(params, carry0, xs, ys), ref) < 1e-10
 
 
-_ENGINE_FIX = (
-    "needs engine changes outside lru.py: jacobians.dense_dynamics (and influence's 'table' "
-    "propagator) stack the state kernels and fail for a cell without state projections; "
-    "patterns.component_patterns keeps SnAp-1 at component level, so B_re's influence on Im h "
-    "(reached only through the 2x2 rotation block of D) is dropped"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=_ENGINE_FIX)
 def test_rtrl_equals_bptt(x64):
     cell, params, carry0, xs, ys = _setup(5, 3, 2, 9, seed=7)
-    rtrl = _online(influence_tracker(cell, params, "rtrl"), params, carry0, xs, ys)
+    tracker = influence_tracker(cell, params, "rtrl")
+    assert tracker.layout == "diag" and tracker.width == 1  # O(p) exact RTRL: D is unit-diagonal
+    rtrl = _online(tracker, params, carry0, xs, ys)
     assert tree_rel_err(rtrl, _bptt(cell.spec, params, carry0, xs, ys)) < 1e-10
+    dense = _online(influence_tracker(cell, params, "rtrl", layout="dense"), params, carry0, xs, ys)
+    assert tree_rel_err(dense, rtrl) < 1e-10
 
 
-@pytest.mark.xfail(strict=True, reason=_ENGINE_FIX)
 @pytest.mark.parametrize("learn_gamma", [True, False])
 def test_snap1_equals_bptt(x64, learn_gamma):
     cell, params, carry0, xs, ys = _setup(5, 3, 2, 9, seed=7, learn_gamma=learn_gamma)
@@ -172,7 +167,6 @@ def test_snap1_equals_bptt(x64, learn_gamma):
     assert tree_rel_err(snap1, _bptt(cell.spec, params, carry0, xs, ys)) < 1e-10
 
 
-@pytest.mark.xfail(strict=True, reason=_ENGINE_FIX)
 def test_online_method_snap1_equals_bptt(x64):
     """The same through the method interface (flax carry (re, im), dL/dcarry)."""
     cell, params, carry0, xs, ys = _setup(4, 3, 2, 7, seed=5)

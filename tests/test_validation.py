@@ -31,23 +31,23 @@ def gru():
 def test_bad_method(gru, method, n, match):
     cell, params = gru
     with pytest.raises(ValueError, match=match):
-        sj.influence_tracker(cell, params, method, n)
+        sj.online_method(method, cell, params, n=n)
 
 
 def test_bad_layout(gru):
     cell, params = gru
     with pytest.raises(ValueError, match="unknown layout"):
-        sj.influence_tracker(cell, params, "snap2", layout="sparse")
+        sj.online_method("snap2", cell, params, layout="sparse")
     with pytest.raises(ValueError, match="not available"):
-        sj.influence_tracker(cell, params, "snap1", layout="table")
+        sj.online_method("snap1", cell, params, layout="table")
     with pytest.raises(ValueError, match="not available"):
-        sj.influence_tracker(cell, params, "rtrl", layout="table")
+        sj.online_method("rtrl", cell, params, layout="table")
 
 
 def test_method_aliases(gru):
     cell, params = gru
     for name, expect in [("snap1", ("snap", 1)), ("SnAp-2", ("snap", 2)), ("snap_3", ("snap", 3)), ("RTRL", ("rtrl", None))]:
-        t = sj.influence_tracker(cell, params, name)
+        t = sj.online_method(name, cell, params).tracker
         assert (t.method, t.n) == expect
 
 
@@ -60,7 +60,7 @@ def test_method_aliases(gru):
 def test_bad_masks(gru, masks, match):
     cell, params = gru
     with pytest.raises(ValueError, match=match):
-        sj.influence_tracker(cell, params, "snap1", masks=masks)
+        sj.online_method("snap1", cell, params, masks=masks)
 
 
 def test_traced_masks_rejected(gru):
@@ -68,7 +68,7 @@ def test_traced_masks_rejected(gru):
 
     @jax.jit
     def build(m):
-        sj.influence_tracker(cell, params, "snap1", masks={"hr": m})
+        sj.online_method("snap1", cell, params, masks={"hr": m})
         return m
 
     with pytest.raises(ValueError, match="static"):
@@ -78,47 +78,46 @@ def test_traced_masks_rejected(gru):
 def test_bad_params(gru):
     cell, params = gru
     with pytest.raises(ValueError, match="keys"):
-        sj.influence_tracker(cell, {k: v for k, v in params.items() if k != "hr"}, "snap1")
+        sj.online_method("snap1", cell, {k: v for k, v in params.items() if k != "hr"})
     with pytest.raises(ValueError, match="inner dict"):
-        sj.influence_tracker(cell, {"params": params}, "snap1")
+        sj.online_method("snap1", cell, {"params": params})
     int_params = jax.tree.map(lambda p: p.astype(jnp.int32), params)
     with pytest.raises(ValueError, match="floating point"):
-        sj.influence_tracker(cell, int_params, "snap1")
+        sj.online_method("snap1", cell, int_params)
     bad = dict(params, hr={"kernel": jnp.zeros((3, 4))})
     with pytest.raises(ValueError, match="recurrent kernel"):
-        sj.influence_tracker(cell, bad, "snap1")
+        sj.online_method("snap1", cell, bad)
 
 
 def test_bad_step_shapes_fail_at_trace_time(gru):
     cell, params = gru
-    tracker = sj.influence_tracker(cell, params, "snap1")
-    s = jnp.zeros((2, 4, 1))
-    J = tracker.init(2)
-    step = jax.jit(tracker.step)
+    method = sj.online_method("snap1", cell, params)
+    carry, J = method.init_carry(2), method.init(2)
+    step = jax.jit(method.step)
     with pytest.raises(ValueError, match="x must have shape"):
-        step(params, s, J, jnp.zeros((2, 5)))
-    with pytest.raises(ValueError, match="state must have shape"):
-        step(params, jnp.zeros((2, 4)), J, jnp.zeros((2, 3)))
+        step(params, carry, J, jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="trailing dimension 4"):
+        step(params, jnp.zeros((2, 5)), J, jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match="influence does not match"):
-        step(params, jnp.zeros((3, 4, 1)), J, jnp.zeros((3, 3)))
+        step(params, jnp.zeros((3, 4)), J, jnp.zeros((3, 3)))
     with pytest.raises(ValueError, match="floating point"):
-        step(params, s, J, jnp.zeros((2, 3), jnp.int32))
-    with pytest.raises(ValueError, match="dloss_dstate"):
-        tracker.gradient(J, jnp.zeros((2, 4)))
+        step(params, carry, J, jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="trailing dimension 4"):
+        method.gradient(params, J, jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match="batch_size"):
-        tracker.init(0)
+        method.init(0)
     with pytest.raises(ValueError, match="floating point"):
-        tracker.init(2, jnp.int32)
+        method.init(2, jnp.int32)
 
 
 def test_bad_sequence_and_carry(gru):
     cell, params = gru
-    tracker = sj.influence_tracker(cell, params, "snap1")
+    method = sj.online_method("snap1", cell, params)
     loss = lambda h, y: jnp.sum(h)
     with pytest.raises(ValueError, match="time-major"):
-        sj.online_gradient(tracker, params, jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.zeros((2,)), loss)
+        sj.online_gradient(method, params, jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.zeros((2,)), loss)
     with pytest.raises(ValueError, match="trailing dimension"):
-        sj.online_gradient(tracker, params, jnp.zeros((2, 5)), jnp.zeros((6, 2, 3)), jnp.zeros((6,)), loss)
+        sj.online_gradient(method, params, jnp.zeros((2, 5)), jnp.zeros((6, 2, 3)), jnp.zeros((6,)), loss)
     lstm = sj.LSTMCell(4)
     with pytest.raises(ValueError, match="tuple"):
         lstm.spec.to_internal(jnp.zeros((2, 4)))
@@ -126,6 +125,20 @@ def test_bad_sequence_and_carry(gru):
 
 def test_unsupported_flax_cell():
     with pytest.raises(ValueError, match="unsupported cell"):
-        sj.as_cell_spec(nn.OptimizedLSTMCell(4))
-    with pytest.raises(ValueError, match="residual"):
-        sj.as_cell_spec(nn.SimpleCell(4, residual=True))
+        sj.as_cell_spec(nn.ConvLSTMCell(4, kernel_size=(3,)))
+    with pytest.raises(ValueError, match="unsupported cell"):
+        sj.as_recurrent(object())
+
+
+def test_bad_learner_configuration():
+    with pytest.raises(ValueError, match="readout_size must be a positive int"):
+        sj.OnlineLearner(nn.GRUCell(4), readout_size=0)
+    with pytest.raises(ValueError, match="2 methods given for 1 recurrent stages"):
+        sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method=["snap1", "rtrl"])
+    with pytest.raises(ValueError, match="at least one recurrent layer"):
+        sj.OnlineLearner([nn.Dense(3)])
+    with pytest.raises(ValueError, match="update_every=3 is not a multiple"):
+        learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method="tbptt", tbptt_window=2, update_every=3)
+        learner.init(jax.random.key(0), batch_size=2, input_size=1)
+    with pytest.raises(ValueError, match="is only for 'tbptt'"):
+        sj.online_method("snap1", nn.GRUCell(4), {}, window=3)

@@ -18,7 +18,8 @@ Example::
     >>> cell = nn.LSTMCell(3)
     >>> params = cell.init(jax.random.key(0), cell.initialize_carry(jax.random.key(1), (1, 2)),
     ...                    jnp.zeros((1, 2)))["params"]
-    >>> [sj.online_method(m, cell, params, window=4).period for m in ("rtrl", "snap2", "uoro", "tbptt")]
+    >>> options = {"tbptt": {"window": 4}}
+    >>> [sj.online_method(m, cell, params, **options.get(m, {})).period for m in ("rtrl", "snap2", "uoro", "tbptt")]
     [1, 1, 1, 4]
 """
 
@@ -34,7 +35,7 @@ from snapjax.recurrent import Recurrent, as_recurrent
 
 PyTree = Any
 
-__all__ = ["OnlineMethod", "StepResult", "online_method", "parse_method_name", "select_examples"]
+__all__ = ["OnlineMethod", "StepResult", "online_method", "parse_method_name", "check_options", "select_examples"]
 
 
 def parse_method_name(name: str, n: int | None = None) -> tuple[str, int | None]:
@@ -61,6 +62,21 @@ def parse_method_name(name: str, n: int | None = None) -> tuple[str, int | None]
         ) from None
 
 
+def check_options(name: str, n: int | None = None, window: int | None = None) -> tuple[str, int | None]:
+    """Validate a method name with its options (no cell needed); returns ``(kind, n)``.
+
+    Raises:
+      ValueError: unknown name, ``n`` that does not fit, ``window`` missing for ``"tbptt"`` or
+        given for another method.
+    """
+    kind, n = parse_method_name(name, n)
+    if kind == "tbptt" and window is None:
+        raise ValueError("method 'tbptt' needs window=W, W >= 1 (OnlineLearner: tbptt_window=W)")
+    if kind != "tbptt" and window is not None:
+        raise ValueError(f"window= (OnlineLearner: tbptt_window=) is only for 'tbptt', not {name!r}")
+    return kind, n
+
+
 def _shapes(params: PyTree) -> PyTree:
     with jax.ensure_compile_time_eval():
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jax.numpy.result_type(a)), params)
@@ -76,6 +92,7 @@ def online_method(
     precision: Any = None,
     window: int | None = None,
     chunk: int | None = None,
+    chunk_policy: str = "require",
     layout: str | None = None,
     block: int | float | None = None,
     eps: float = 1e-7,
@@ -97,6 +114,8 @@ def online_method(
       chunk: ``K > 1`` runs exact RTRL / SnAp-1 chunk-wise (forward-backward hybrid): the
         gradient is complete every ``K`` steps (``period == K``), and parameters must be held
         fixed within a chunk (update every ``K`` steps).
+      chunk_policy: ``"require"`` (a method without a chunked form raises) or ``"prefer"``
+        (such a method is built per step; the learner uses this when ``update_every > 1``).
       layout: SnAp-n storage override (``"table"`` or ``"dense"``).
       block: units per block of the activity-sparse method.
       eps: UORO's stabiliser.
@@ -107,24 +126,26 @@ def online_method(
       ValueError: unknown method, option that does not apply, unsupported cell, a user cell
         whose compressed Jacobians disagree with autodiff.
     """
-    kind, n = parse_method_name(name, n)
+    kind, n = check_options(name, n, window)
+    if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):
+        raise ValueError("masks must be static (NumPy) arrays, not traced values: build the method outside jit")
     rec = as_recurrent(cell)
-    if window is not None and kind != "tbptt":
-        raise ValueError(f"window= is only for 'tbptt', not {name!r}")
+    if chunk_policy not in ("require", "prefer"):
+        raise ValueError(f"chunk_policy must be 'require' or 'prefer', got {chunk_policy!r}")
     if chunk is not None and not (kind == "rtrl" or (kind == "snap" and n == 1)):
-        raise ValueError(f"chunk= is only for 'rtrl' and 'snap1', not {name!r}")
+        if chunk_policy == "require":
+            raise ValueError(f"chunk= is only for 'rtrl' and 'snap1', not {name!r}")
+        chunk = None  # "prefer": this method has no chunked form; run it per step
     if kind == "tbptt":
         from snapjax.methods.tbptt import TBPTT
 
-        if window is None:
-            raise ValueError("method 'tbptt' needs window=W (W >= 1)")
         return TBPTT.build(rec, params, window=window, masks=masks, precision=precision, input_size=input_size)
     if kind == "uoro":
         from snapjax.uoro import uoro_method
 
         return uoro_method(rec, params, masks=masks, eps=eps, precision=precision)
     if rec.spec is None:
-        if kind == "activity" or chunk is not None:
+        if kind == "activity" or (chunk is not None and chunk_policy == "require"):
             raise ValueError(f"{rec.name}: {name!r} needs a cell with a compressed form (CellSpec)")
         from snapjax.methods.generic import dense_method
 

@@ -109,6 +109,20 @@ def _bcast(flag: Array, ndim: int, axis: int = 0) -> Array:
     return jnp.reshape(flag, shape)
 
 
+def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
+    """``fn(state)`` if ``pred`` else ``default`` (``(grads, influence)``).
+
+    A ``lax.while_loop`` of zero or one trip rather than ``lax.cond``: XLA updates a while
+    loop's carry in place, whereas a ``cond`` whose other branch passes the influence through
+    unchanged costs a copy of it at every step (measured: it dominated the per-step time)."""
+
+    def body(carry):
+        _, _, J = carry
+        return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=J)))
+
+    return lax.while_loop(lambda c: c[0], body, (pred,) + tuple(default))[1:]
+
+
 def _zero_examples(tree: PyTree, where: Array) -> PyTree:
     return jax.tree.map(lambda a: jnp.where(_bcast(where, a.ndim), jnp.zeros((), a.dtype), a), tree)
 
@@ -205,9 +219,8 @@ class ChunkedInfluence(OnlineMethod):
         state = state._replace(cot=lax.dynamic_update_index_in_dim(state.cot, c.astype(state.cot.dtype), pos, 0),
                                stepped=jnp.zeros((), bool))
         end = pos == self.chunk - 1
-        grads, J = lax.cond(end, lambda st: self._close(params, st, None),
-                            lambda st: (self._zeros(params), st.influence), state)
-        J = _zero_examples(J, state.drop & end)  # reset after the chunk's last step: J_t = 0
+
+        grads, J = _run_if(end, lambda st: self._close(params, st, None), state, (self._zeros(params), state.influence))
         new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
         return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos)
 
@@ -218,8 +231,7 @@ class ChunkedInfluence(OnlineMethod):
         ``pos == 0``.  Call it after a step's ``gradient`` (e.g. at the end of a stream whose
         length is not a multiple of ``K``)."""
         n = state.pos
-        grads, J = lax.cond(n > 0, lambda st: self._close(params, st, n),
-                            lambda st: (self._zeros(params), st.influence), state)
+        grads, J = _run_if(n > 0, lambda st: self._close(params, st, n), state, (self._zeros(params), state.influence))
         return grads, state._replace(influence=J, pos=jnp.zeros((), jnp.int32))
 
     def reset(self, state: ChunkedState, where: Array, *, key: Array | None = None) -> ChunkedState:
@@ -264,7 +276,6 @@ class ChunkedInfluence(OnlineMethod):
                 psi = phis.reshape(K, B, 1, U, m, U * m)
                 G = (psi * jnp.moveaxis(d, -1, 2)[..., None]).sum(4)  # (K, B, G, U, k)
             # G[τ, b, g, i, :] = Φ_τ[b, :, (i, c)] ∂φ_{i,c}/∂a_{g,i} summed over c: Φ_τ I_τ per unit i
-            g_j = tr.gradient(J, e)  # (D_{t0+1}ᵀ δ_{t0+1})ᵀ J_{t0}, the engine's contraction
             w = (delta[..., None] * d).sum(3)  # (K, B, U, G): δ_τ ⊙ ∂φ/∂a_g
             w_sum, G_sum = w.sum((0, 1)), G.sum(0)
             for src, v in (("input", st.xs), ("state", st.hs)):
@@ -277,17 +288,20 @@ class ChunkedInfluence(OnlineMethod):
                 for q, j in enumerate(sel):
                     name, lay = groups[j], tr.kernels[groups[j]]
                     kern = g_k[q] if tr.masks[name] is None else g_k[q] * jnp.asarray(tr.masks[name], g_k.dtype)
-                    grads[name] = {"kernel": kern + g_j[name]["kernel"]}
                     add = a_k[:, :, q].reshape(B, -1, U, G.shape[-1])
                     if lay.rows is not None:  # gather the stored rows of a masked kernel
                         cols = np.broadcast_to(np.arange(U), lay.rows.shape)
                         add = jnp.where(jnp.asarray(lay.valid)[None, :, :, None], add[:, lay.rows, cols], 0)
-                    new_J[name] = {"kernel": self._advance(J[name]["kernel"], phi0, dead, add)}
+                    g_j, new = self._advance(J[name]["kernel"], e, phi0, dead, st.drop, add)
+                    if lay.rows is not None:  # scatter the stored rows back to the kernel's shape
+                        g_j = jnp.zeros((lay.n_in, U), g_j.dtype).at[lay.rows, cols].add(jnp.where(lay.valid, g_j, 0))
+                    grads[name], new_J[name] = {"kernel": kern + g_j}, {"kernel": new}
             for j, name in enumerate(groups):  # biases and unit parameters: I_τ = ∂φ_i/∂a_i
                 if name in source and not spec.projection(name).use_bias:
                     continue
-                g_b, J_b = (g_j[name]["bias"], J[name]["bias"]) if name in source else (g_j[name], J[name])
-                g_b, J_b = w_sum[:, j] + g_b, self._advance(J_b, phi0, dead, G_sum[:, j][:, None])
+                g_b, J_b = self._advance(J[name]["bias"] if name in source else J[name], e, phi0, dead,
+                                         st.drop, G_sum[:, j][:, None])
+                g_b = w_sum[:, j] + g_b
                 if name in source:
                     grads[name]["bias"], new_J[name]["bias"] = g_b, J_b
                 else:
@@ -343,17 +357,27 @@ class ChunkedInfluence(OnlineMethod):
         (e, psi0, dead), (delta, psis) = lax.scan(body, init, (st.dpre, st.dstate, st.cot, st.cut), reverse=True)
         return delta, e.reshape(B, U, m), psis, psi0, dead
 
-    def _advance(self, J: Array, phi0: Array, dead: Array, add: Array) -> Array:
-        """One influence leaf ``J (B, [L,] U, W, m)`` -> ``Φ_{t0} J + add`` (``add`` is
-        ``Σ_τ Φ_τ I_τ``, ``(B, L, U, W·m)``), rounded to ``J``'s storage dtype."""
+    def _advance(self, J: Array, e: Array, phi0: Array, dead: Array, zero: Array, add: Array):
+        """One influence leaf ``J (B, *lead, U, W, m)`` read once per chunk: returns the gradient
+        term ``Σ_b e_b J_{t0,b}`` (``(*lead, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U, m)``) and
+        ``Φ_{t0} J + add`` (``add = Σ_τ Φ_τ I_τ``, ``(B, L, U, W·m)``) rounded to ``J``'s dtype.
+        ``dead``: ``Φ_{t0} = 0`` (a reset in the chunk); ``zero``: the new ``J`` is 0."""
         B, U, W, m = J.shape[0], *J.shape[-3:]
-        Jf = J.reshape(B, -1, U, W * m).astype(jnp.promote_types(J.dtype, add.dtype))
-        if self.tracker.layout == "diag":  # Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
+        cdt = jnp.promote_types(J.dtype, add.dtype)
+        Jf, e = J.reshape(B, -1, U, W * m).astype(cdt), e.astype(cdt)
+        if self.tracker.layout == "diag" and m == 1:  # elementwise: one pass over J
+            g = (e[:, None, :, 0] * Jf[..., 0]).sum(0)
+            prop = phi0[:, None, :, :, 0] * Jf
+        elif self.tracker.layout == "diag":  # Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
+            g = (e[:, None] * Jf).sum((0, 3))
             prop = (phi0[:, None] * Jf[:, :, :, None, :]).sum(-1)
-        else:  # J Φ_{t0}ᵀ: one batched matmul
-            prop = jnp.matmul(Jf.reshape(B, -1, U * m), phi0, precision=self.tracker.precision).reshape(Jf.shape)
+        else:  # batched matvec and matmul with the batch leading (no transpose of J)
+            Jm = Jf.reshape(B, -1, U * m)
+            g = jnp.matmul(Jm, e.reshape(B, U * m, 1), precision=self.tracker.precision)[..., 0].sum(0)
+            prop = jnp.matmul(Jm, phi0, precision=self.tracker.precision).reshape(Jf.shape)
         prop = jnp.where(_bcast(dead, prop.ndim), 0, prop)  # a reset in the chunk: J_{t0} is gone
-        return (prop + add).reshape(J.shape).astype(J.dtype)
+        new = jnp.where(_bcast(zero, prop.ndim), 0, prop + add)  # reset after the last step: J = 0
+        return g.reshape(J.shape[1:-2]), new.reshape(J.shape).astype(J.dtype)
 
 
 def _pattern_sets(tracker: InfluenceTracker) -> tuple:
