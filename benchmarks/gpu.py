@@ -464,9 +464,10 @@ def markdown(res: dict) -> str:
                      f"{mib(x.get('total_bytes'))} | {mib(x.get('temp_bytes'))} | {r.get('status')} |")
         L.append("")
     L.append("### 6. Donation")
-    L.append("Chained online driver: `jax.jit(run, donate_argnums=(1, 2))` over (state, influence), returning both; "
+    L.append("Chained online driver: `jax.jit(run, donate_argnums=(1, 2))` over (flax carry, method state), returning both; "
              "chunks are chained without host sync (one block_until_ready per timed chunk). "
-             "Column 'SnAp-1 donated' in section 2. online_gradient itself initialises J inside the jit (no donation needed).")
+             "Column 'SnAp-1 donated' in section 2. online_gradient itself initialises the method state inside the jit "
+             "(no donation needed).")
     return "\n".join(L)
 
 

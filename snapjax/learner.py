@@ -39,8 +39,19 @@ from jax import lax
 
 from snapjax.losses import Loss, get_loss
 from snapjax.methods import OnlineMethod, check_options, online_method
-from snapjax.methods.base import check_batch_size, is_key, select_examples, typed_key
-from snapjax.model import OnlineModel, Stage, backward, contain, forward, forward_only, head_output
+from snapjax.methods.base import check_batch_size, finite_examples, finite_examples_of_methods, select_examples, typed_key
+from snapjax.model import (
+    OnlineModel,
+    Stage,
+    backward,
+    contain,
+    forward,
+    forward_only,
+    head_output,
+    input_sizes,
+    param_masks,
+    stage_masks,
+)
 from snapjax.transforms import masked_updates, tree_all_finite
 
 Array = jax.Array
@@ -75,26 +86,6 @@ class OnlineState(NamedTuple):
     skipped: Array
     resets: Array
     excluded: Array
-
-
-def _finite_rows(tree: PyTree, batch: int, axes: PyTree = 0) -> Array:
-    """``(B,)``: every inexact entry of the example is finite (leaves under a ``None`` axis count
-    for every example)."""
-    ok = jnp.ones((batch,), bool)
-
-    def visit(axis, sub):
-        nonlocal ok
-        for leaf in jax.tree.leaves(sub):
-            if is_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-                continue
-            fin = jnp.isfinite(leaf)
-            if axis is None:
-                ok = ok & jnp.all(fin)
-            else:
-                ok = ok & jnp.all(jnp.moveaxis(fin, axis, 0).reshape(batch, -1), axis=1)
-
-    jax.tree.map(visit, axes, tree, is_leaf=lambda x: x is None)
-    return ok
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -201,13 +192,13 @@ class OnlineLearner:
         return self._cache[key]
 
     def _build_methods(self, params, input_size):
-        out, sizes = [], self._input_sizes(params, input_size)
+        out, sizes = [], input_sizes(self._stages, params, input_size)
         recs = [s for s in self._stages if s.recurrent]
         for stage, spec in zip(recs, self._method_specs):
             if isinstance(spec, OnlineMethod):
                 out.append(spec)
                 continue
-            kw = dict(n=self.n, masks=self._stage_masks(stage), precision=self.precision,
+            kw = dict(n=self.n, masks=stage_masks(self._stages, self.masks, stage), precision=self.precision,
                       input_size=sizes[stage.index], window=self.tbptt_window)
             if self.chunk is not None:
                 kw.update(chunk=self.chunk, chunk_policy="require")
@@ -227,73 +218,14 @@ class OnlineLearner:
             return int(self.update_every)
         return int(np.lcm.reduce([m.period for m in self.methods(params)]))
 
-    def _input_sizes(self, params, input_size) -> dict:
-        """Input size of every layer index (static shapes, by abstract evaluation)."""
-        sizes, size = {}, input_size
-        for stage in self._stages:
-            sizes[stage.index] = size
-            if size is None:
-                continue
-            h = jax.ShapeDtypeStruct((1, size), jnp.float32)
-            p = stage.params(params)
-            if stage.recurrent:
-                rec = stage.module
-                c = jax.eval_shape(lambda p, h: rec.output(rec.apply(p, rec.init_carry(1), h)), p, h)
-            else:
-                c = jax.eval_shape(stage.apply, p, h)
-            size = int(c.shape[-1])
-        return sizes
-
-    def _stage_masks(self, stage: Stage):
-        if self.masks is None:
-            return None
-        masks = self.masks
-        named = isinstance(masks, Mapping) and any(k.startswith("layers_") for k in masks)
-        if not named:
-            recs = [s for s in self._stages if s.recurrent]
-            if len(recs) != 1 or len(stage.names) != 1:
-                raise ValueError("with several recurrent layers pass masks as {'layers_i': {projection: mask}}")
-            return masks
-        if len(stage.names) == 1:
-            return masks.get(stage.names[0])
-        return {n: masks.get(n) for n in stage.names}
-
-    def _param_masks(self, params: PyTree) -> PyTree:
-        """Params-shaped tree of static masks for ``masked_updates`` (``None`` = unmasked)."""
-        out = jax.tree.map(lambda _: None, params)
-        for stage in self._stages:
-            if not stage.recurrent:
-                continue
-            m = self._stage_masks(stage)
-            if m is None:
-                continue
-            per_layer = {stage.names[0]: m} if len(stage.names) == 1 else m
-            for lname, lm in per_layer.items():
-                for proj, mk in (lm or {}).items():
-                    if mk is None:
-                        continue
-                    if lname not in params or proj not in params[lname]:
-                        raise ValueError(
-                            f"mask for unknown projection {proj!r} of {lname}; its parameters are "
-                            f"{sorted(params.get(lname, {}))}"
-                        )
-                    kshape = tuple(np.shape(params[lname][proj]["kernel"]))
-                    mk = np.asarray(mk)
-                    if mk.shape != kshape:
-                        raise ValueError(f"mask {lname}/{proj} has shape {mk.shape}, kernel has shape {kshape}")
-                    if not (mk.dtype == bool or np.isin(mk, (0, 1)).all()):
-                        raise ValueError(f"mask {lname}/{proj} must hold only 0/1 values")
-                    out[lname][proj]["kernel"] = mk.astype(bool)
-        return out
-
     def transform(self, params: PyTree) -> optax.GradientTransformationExtraArgs:
         """``chain(optimizer, masked_updates(masks))`` (just the optimizer without masks)."""
         if not self._has_masks(params):
             return optax.with_extra_args_support(self.optimizer)
-        return optax.chain(self.optimizer, masked_updates(self._param_masks(params)))
+        return optax.chain(self.optimizer, masked_updates(param_masks(self._stages, self.masks, params)))
 
     def _has_masks(self, params: PyTree) -> bool:
-        masks = self._param_masks(params)
+        masks = param_masks(self._stages, self.masks, params)
         return any(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
 
     def optimizer_state(self, state: OnlineState) -> PyTree:
@@ -335,7 +267,7 @@ class OnlineLearner:
             for a, b in zip(jax.tree.leaves(given[name]), jax.tree.leaves(fresh[name])):
                 if jnp.shape(a) != jnp.shape(b):
                     raise ValueError(f"params[{name!r}] leaf of shape {jnp.shape(a)}, the layer expects {jnp.shape(b)}")
-        masks = self._param_masks(params)
+        masks = param_masks(self._stages, self.masks, params)
         params = jax.tree.map(lambda p, m: p if m is None else p * jnp.asarray(m, p.dtype), params, masks,
                               is_leaf=lambda x: x is None)
         methods = self.methods(params, input_size)
@@ -422,12 +354,12 @@ class OnlineLearner:
         if self.guard:
             ok = jnp.ones((batch,), bool)
             for c in carries:
-                ok = ok & _finite_rows(c, batch)
+                ok = ok & finite_examples(c, batch)
             bad_any = ~jnp.all(ok) | ~tree_all_finite(grads)
 
             def slow(_):
                 stepped = tuple(r[2].state for r in recs if r[2] is not None)
-                good = ok & _finite_per_stage(methods, stepped, batch)
+                good = ok & finite_examples_of_methods(methods, stepped, batch)
                 fixed = contain(recs, good, methods, batch, dtype)
                 out = head_output(self._stages, params, fixed)
                 lo, gr, ns, cs = loss_and_grads(jnp.where(good, weight, 0), fixed, out)
@@ -580,10 +512,3 @@ class OnlineLearner:
         carry = tuple(select_examples(where, m.init_carry(batch, dtype), c, 0) for m, c in zip(methods, state.carry))
         ms = tuple(m.reset(s, where) for m, s in zip(methods, state.method_state))
         return state._replace(carry=carry, method_state=ms)
-
-
-def _finite_per_stage(methods, states, batch) -> Array:
-    ok = jnp.ones((batch,), bool)
-    for m, s in zip(methods, states):
-        ok = ok & _finite_rows(s, batch, m.batch_axes())
-    return ok

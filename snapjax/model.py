@@ -36,11 +36,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from snapjax.methods.base import select_examples
 from snapjax.recurrent import Recurrent, as_recurrent
@@ -48,7 +49,8 @@ from snapjax.recurrent import Recurrent, as_recurrent
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["OnlineModel", "Stage", "chain_recurrent", "is_recurrent", "forward", "backward", "forward_only"]
+__all__ = ["OnlineModel", "Stage", "chain_recurrent", "is_recurrent", "forward", "backward", "forward_only",
+           "input_sizes", "stage_masks", "param_masks"]
 
 
 def is_recurrent(module: Any) -> bool:
@@ -338,3 +340,70 @@ def forward_only(stages: list[Stage], params, carries, x):
         else:
             h = stage.apply(p, h)
     return tuple(new), h
+
+
+# ---------------------------------------------------------------------------
+# Static facts about the stages: input sizes, weight masks.
+
+
+def input_sizes(stages: list[Stage], params, input_size) -> dict:
+    """Input size of every layer index (static shapes, by abstract evaluation)."""
+    sizes, size = {}, input_size
+    for stage in stages:
+        sizes[stage.index] = size
+        if size is None:
+            continue
+        h = jax.ShapeDtypeStruct((1, size), jnp.float32)
+        p = stage.params(params)
+        if stage.recurrent:
+            rec = stage.module
+            c = jax.eval_shape(lambda p, h: rec.output(rec.apply(p, rec.init_carry(1), h)), p, h)
+        else:
+            c = jax.eval_shape(stage.apply, p, h)
+        size = int(c.shape[-1])
+    return sizes
+
+
+def stage_masks(stages: list[Stage], masks, stage: Stage):
+    """The weight masks of one recurrent stage: ``masks`` is ``{projection: (n_in, units)}`` for a
+    model with one recurrent layer, or ``{"layers_i": {projection: mask}}``."""
+    if masks is None:
+        return None
+    named = isinstance(masks, Mapping) and any(k.startswith("layers_") for k in masks)
+    if not named:
+        recs = [s for s in stages if s.recurrent]
+        if len(recs) != 1 or len(stage.names) != 1:
+            raise ValueError("with several recurrent layers pass masks as {'layers_i': {projection: mask}}")
+        return masks
+    if len(stage.names) == 1:
+        return masks.get(stage.names[0])
+    return {n: masks.get(n) for n in stage.names}
+
+
+def param_masks(stages: list[Stage], masks, params: PyTree) -> PyTree:
+    """Params-shaped tree of static masks for ``masked_updates`` (``None`` = unmasked)."""
+    out = jax.tree.map(lambda _: None, params)
+    for stage in stages:
+        if not stage.recurrent:
+            continue
+        m = stage_masks(stages, masks, stage)
+        if m is None:
+            continue
+        per_layer = {stage.names[0]: m} if len(stage.names) == 1 else m
+        for lname, lm in per_layer.items():
+            for proj, mk in (lm or {}).items():
+                if mk is None:
+                    continue
+                if lname not in params or proj not in params[lname]:
+                    raise ValueError(
+                        f"mask for unknown projection {proj!r} of {lname}; its parameters are "
+                        f"{sorted(params.get(lname, {}))}"
+                    )
+                kshape = tuple(np.shape(params[lname][proj]["kernel"]))
+                mk = np.asarray(mk)
+                if mk.shape != kshape:
+                    raise ValueError(f"mask {lname}/{proj} has shape {mk.shape}, kernel has shape {kshape}")
+                if not (mk.dtype == bool or np.isin(mk, (0, 1)).all()):
+                    raise ValueError(f"mask {lname}/{proj} must hold only 0/1 values")
+                out[lname][proj]["kernel"] = mk.astype(bool)
+    return out

@@ -53,7 +53,8 @@ from snapjax.recurrent import Recurrent
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["OnlineMethod", "StepResult", "is_key", "typed_key", "select_examples", "check_batch_size"]
+__all__ = ["OnlineMethod", "StepResult", "is_key", "typed_key", "select_examples", "check_batch_size",
+           "finite_examples", "finite_examples_of_methods"]
 
 
 class StepResult(NamedTuple):
@@ -110,6 +111,34 @@ def select_examples(where: Array, on_true: PyTree, on_false: PyTree, axes: PyTre
         return jax.tree.map(leaf, t, f)
 
     return jax.tree.map(sel, axes, on_true, on_false, is_leaf=lambda x: x is None)
+
+
+def finite_examples(tree: PyTree, batch: int, axes: PyTree = 0) -> Array:
+    """``(B,)``: every inexact entry of the example is finite (leaves under a ``None`` axis count
+    for every example)."""
+    ok = jnp.ones((batch,), bool)
+
+    def visit(axis, sub):
+        nonlocal ok
+        for leaf in jax.tree.leaves(sub):
+            if is_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                continue
+            fin = jnp.isfinite(leaf)
+            if axis is None:
+                ok = ok & jnp.all(fin)
+            else:
+                ok = ok & jnp.all(jnp.moveaxis(fin, axis, 0).reshape(batch, -1), axis=1)
+
+    jax.tree.map(visit, axes, tree, is_leaf=lambda x: x is None)
+    return ok
+
+
+def finite_examples_of_methods(methods, states, batch: int) -> Array:
+    """``(B,)``: each example's method states are finite (by the methods' declared batch axes)."""
+    ok = jnp.ones((batch,), bool)
+    for m, s in zip(methods, states):
+        ok = ok & finite_examples(s, batch, m.batch_axes())
+    return ok
 
 
 class OnlineMethod(abc.ABC):
