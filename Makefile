@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow notebooks bench clean
+.PHONY: setup demo test test-slow notebooks bench clean docs typecheck test-wheel
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,19 @@ notebooks: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --quick --out benchmarks/out/step_cost_cpu_quick.json
 
+# The documentation site (mkdocs.yml, docs/) into the untracked site/: offline, notebooks not
+# executed, any warning is an error (--strict).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# mypy on snapjax/ with the configuration in pyproject.toml ([tool.mypy]).
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+# Builds the wheel, installs it with its `notebooks` extra into a fresh venv and runs the
+# notebooks there from a directory outside the repository (tests/test_wheel.py, marked slow).
+test-wheel: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_wheel.py
+
 clean:
-	rm -rf $(VENV) benchmarks/out
+	rm -rf $(VENV) benchmarks/out site

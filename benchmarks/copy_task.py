@@ -20,7 +20,7 @@ Outputs (``--out``, default ``benchmarks/out``, untracked; published runs: ``ben
 the full L-vs-tokens history of every run), ``.png`` (L vs tokens, one panel per density)
 and ``.md`` (table).  Usage::
 
-    python benchmarks/copy_task.py --quick          # ~4 min on 2 CPU cores (make demo)
+    python benchmarks/copy_task.py --quick          # ~1-2 min on 2 CPU cores (make demo)
     python benchmarks/copy_task.py                  # full: all methods, 3 densities, 3 seeds (GPU)
 """
 

@@ -32,13 +32,13 @@ import time
 
 FAST = os.environ.get("SNAPJAX_FAST", "0") == "1"
 try:
-    import snapjax
+    import snapjax as sj
 except ImportError:  # fallback for a source checkout without `pip install -e .`
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path.cwd().resolve().parent))
-    import snapjax
+    import snapjax as sj
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +46,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
-from snapjax import GRUCell, influence_tracker
-
 T0 = time.perf_counter()
 UNITS = 24 if FAST else 48
 N_IN = 3
-cell = GRUCell(UNITS)
+cell = sj.GRUCell(UNITS)
 params = cell.init(jax.random.key(0), jnp.zeros((1, UNITS)), jnp.zeros((1, N_IN)))["params"]
 RECURRENT = ["hr", "hz", "hn"]
 print({k: {n: v.shape for n, v in leaf.items()} for k, leaf in params.items()})
@@ -61,9 +59,12 @@ print({k: {n: v.shape for n, v in leaf.items()} for k, leaf in params.items()})
 # ## A sparse GRU and its influence patterns
 #
 # We give the three recurrent matrices one shared random connectivity (each unit reads
-# `fan_in` other units plus itself), keep the input matrices dense, and run each tracker for
-# a few steps on random inputs. The picture shows, for the parameters of column `i` of
-# `W_hz` (rows: `i`), which state units `u` (columns) have a nonzero influence `dh_u/dθ`.
+# `fan_in` other units plus itself), keep the input matrices dense, build each method with
+# `sj.online_method(name, cell, params, masks=...)` and run it for a few steps on random inputs
+# (`method.step` in a `lax.scan`; the method state of RTRL / SnAp-n is the influence, and
+# `method.to_dense(state)` expands it to `(B, *param_shape, units, m)`). The picture shows, for
+# the parameters of column `i` of `W_hz` (rows: `i`), which state units `u` (columns) have a
+# nonzero influence `dh_u/dθ`.
 
 
 # %%
@@ -81,34 +82,34 @@ def masked_params(params, masks):
     return {k: ({**v, "kernel": v["kernel"] * masks[k]} if k in masks else v) for k, v in params.items()}
 
 
-def run_influence(tracker, params, steps=8, batch=2, seed=1):
-    """`steps` tracker steps on random inputs; returns the final influence."""
+def run_method(method, params, steps=8, batch=2, seed=1):
+    """`steps` method steps on random inputs; returns the final method state."""
     xs = jax.random.normal(jax.random.key(seed), (steps, batch, N_IN))
-    s0 = tracker.spec.zero_state(batch)
 
     def body(c, x):
-        s, J = c
-        return tracker.step(params, s, J, x), None
+        carry, state = c
+        carry, state, _ = method.step(params, carry, state, x)
+        return (carry, state), None
 
-    (s, J), _ = jax.jit(lambda xs: lax.scan(body, (s0, tracker.init(batch)), xs))(xs)
-    return J
+    init = (method.init_carry(batch), method.init(batch))
+    (_, state), _ = jax.jit(lambda xs: lax.scan(body, init, xs))(xs)
+    return state
 
 
 rec = shared_recurrent_mask(0, UNITS, fan_in=2)
 masks = {name: rec for name in RECURRENT}
 p_sparse = masked_params(params, masks)
 
-trackers = {n: influence_tracker(cell, p_sparse, "snap", n, masks=masks) for n in (1, 2, 3)}
-trackers["RTRL"] = influence_tracker(cell, p_sparse, "rtrl", masks=masks)
-influences = {name: run_influence(tr, p_sparse) for name, tr in trackers.items()}
+LABEL = {"snap1": "SnAp-1", "snap2": "SnAp-2", "snap3": "SnAp-3", "rtrl": "RTRL"}  # method name -> label
+methods = {name: sj.online_method(name, cell, p_sparse, masks=masks) for name in LABEL}
+states = {name: run_method(m, p_sparse) for name, m in methods.items()}
 
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-for ax, (name, tr) in zip(axes, trackers.items()):
-    dense = tr.to_dense(influences[name])["hz"]["kernel"]  # (B, n_in rows, i, u, m)
+for ax, (name, m) in zip(axes, methods.items()):
+    dense = m.to_dense(states[name])["hz"]["kernel"]  # (B, n_in rows, i, u, m)
     img = np.asarray(jnp.any(dense[0] != 0, axis=(0, 3)))  # (i, u)
     ax.imshow(img, cmap="Greys", interpolation="nearest")
-    title = f"SnAp-{name}" if isinstance(name, int) else name
-    ax.set_title(f"{title}: {tr.num_stored()} floats/ex.")
+    ax.set_title(f"{LABEL[name]}: {m.num_stored()} floats/ex.")
     ax.set_xlabel("state unit u")
 axes[0].set_ylabel("column i of W_hz")
 fig.suptitle(f"nonzero dh_u/dW_hz[:, i] after 8 steps, GRU-{UNITS}, recurrent fan-in 2 + self")
@@ -117,31 +118,31 @@ plt.show()
 
 # %% [markdown]
 # **Check:** for SnAp-n, the nonzero entries of the influence after `≥ n` steps are exactly
-# the SnAp-n pattern (`tracker.pattern_count()`), and the pattern of column `i` is the set of
+# the SnAp-n pattern (`method.pattern_count()`), and the pattern of column `i` is the set of
 # units reachable from `i` in at most `n - 1` recurrent edges (computed here independently
 # with boolean matrix powers).
 
 # %%
-def nonzeros(tracker, J, example=0):
-    return int(sum(int(jnp.count_nonzero(leaf[example])) for leaf in jax.tree.leaves(tracker.to_dense(J))))
+def nonzeros(method, state, example=0):
+    return int(sum(int(jnp.count_nonzero(leaf[example])) for leaf in jax.tree.leaves(method.to_dense(state))))
 
 
 adj = rec.T  # adj[u, v]: unit v feeds unit u (D[u, v] may be nonzero)
 for n in (1, 2, 3):
-    tr, J = trackers[n], influences[n]
+    m, st = methods[f"snap{n}"], states[f"snap{n}"]
     reach = np.eye(UNITS, dtype=bool)  # reach[i, u]
     for _ in range(n - 1):
         reach = reach | ((reach.astype(int) @ adj.T.astype(int)) > 0)
-    dense = tr.to_dense(J)["hz"]["kernel"][0]
+    dense = m.to_dense(st)["hz"]["kernel"][0]
     img = np.asarray(jnp.any(dense != 0, axis=(0, 3)))
-    print(f"SnAp-{n}: stored {tr.num_stored():6d}, pattern {tr.pattern_count():6d}, "
-          f"nonzeros {nonzeros(tr, J):6d}, mean reach {reach.sum(1).mean():.1f} units")
+    print(f"SnAp-{n}: stored {m.num_stored():6d}, pattern {m.pattern_count():6d}, "
+          f"nonzeros {nonzeros(m, st):6d}, mean reach {reach.sum(1).mean():.1f} units")
     assert (img == reach).all(), f"SnAp-{n} pattern != {n}-step reachability"
-    assert nonzeros(tr, J) == tr.pattern_count()
-    assert tr.pattern_count() <= tr.num_stored()
+    assert nonzeros(m, st) == m.pattern_count()
+    assert m.pattern_count() <= m.num_stored()
 # RTRL stores every unit for every kept parameter; only units reachable from i can be nonzero.
-print("RTRL stored", trackers["RTRL"].num_stored(), "nonzeros", nonzeros(trackers["RTRL"], influences["RTRL"]))
-assert nonzeros(trackers["RTRL"], influences["RTRL"]) <= trackers["RTRL"].pattern_count()
+print("RTRL stored", methods["rtrl"].num_stored(), "nonzeros", nonzeros(methods["rtrl"], states["rtrl"]))
+assert nonzeros(methods["rtrl"], states["rtrl"]) <= methods["rtrl"].pattern_count()
 
 # %% [markdown]
 # ## Sizes from a formula: ring (circulant) connectivity
@@ -168,10 +169,10 @@ for c in (2, 3):
     p_ring = masked_params(params, ring)
     p_stored = UNITS * (3 * N_IN + 3 * c + 4)
     for n in (1, 2, 3, 4):
-        tr = influence_tracker(cell, p_ring, "snap", n, masks=ring)
+        m = sj.online_method(f"snap{n}", cell, p_ring, masks=ring)
         K = min(UNITS, (n - 1) * (c - 1) + 1)
-        rows.append((c, n, tr.num_stored(), tr.pattern_count(), p_stored * K))
-        assert tr.num_stored() == tr.pattern_count() == p_stored * K, rows[-1]
+        rows.append((c, n, m.num_stored(), m.pattern_count(), p_stored * K))
+        assert m.num_stored() == m.pattern_count() == p_stored * K, rows[-1]
 print(" c  n   stored  pattern  p_s*K")
 for r in rows:
     print("{:2d} {:2d} {:8d} {:8d} {:6d}".format(*r))
@@ -179,25 +180,22 @@ for r in rows:
 # %% [markdown]
 # ## Stored influence vs parameter density
 #
-# Random masks (`snapjax.sparsity.random_masks`: every kernel keeps a fraction `d` of each
+# Random masks (`sj.random_masks`: every kernel keeps a fraction `d` of each
 # column, drawn independently per gate). SnAp-1 scales like the parameters (`d·p`); SnAp-2 and
 # SnAp-3 like the parameters times the `n`-step neighbourhood, which grows quickly with `d`
 # until it covers the whole network and SnAp-n becomes RTRL. RTRL itself stores every kept
 # parameter against every unit (`d·k·p`; masked weights are not stored by any method).
 
 # %%
-from snapjax.sparsity import random_masks
-
 densities = [0.05, 0.1, 0.25, 0.5, 1.0] if FAST else [0.03, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0]
 sizes = {name: [] for name in ["SnAp-1", "SnAp-2", "SnAp-3", "RTRL"]}
 t0 = time.perf_counter()
 for d in densities:
-    mk = random_masks(0, params, d, spec=cell)
+    mk = sj.random_masks(0, params, d, spec=cell)
     p_d = masked_params(params, mk)
-    for n in (1, 2, 3):
-        sizes[f"SnAp-{n}"].append(influence_tracker(cell, p_d, "snap", n, masks=mk).num_stored())
-    sizes["RTRL"].append(influence_tracker(cell, p_d, "rtrl", masks=mk).num_stored())
-print(f"built {4 * len(densities)} trackers in {time.perf_counter() - t0:.1f} s")
+    for name in LABEL:
+        sizes[LABEL[name]].append(sj.online_method(name, cell, p_d, masks=mk).num_stored())
+print(f"built {4 * len(densities)} methods in {time.perf_counter() - t0:.1f} s")
 
 dense_p = sum(a.size for a in jax.tree.leaves(params))
 plt.figure(figsize=(6, 4))

@@ -206,7 +206,7 @@ class ActivitySparseRTRL(OnlineMethod):
         )
 
     def batch_axes(self) -> ActivityInfluence:
-        return ActivityInfluence(other=0, readout=0, scratch=0, active=0)
+        return ActivityInfluence(other=0, readout=0, scratch=0, active=0)  # type: ignore[arg-type]
 
     def num_stored(self) -> int:
         """Floats of method state per example: the influence (= dense RTRL's, ``tracker.num_stored()``)

@@ -22,13 +22,18 @@ reset to the zero carry and a fresh method state, and excluded from that step's 
 is recomputed without it (``metrics['resets']`` counts example-steps).  Invalid targets (a label
 outside ``[0, classes)``, a non-finite regression target) are excluded and counted
 (``metrics['excluded']``).  Shapes and dtypes of every input are checked at trace time.
+
+Batch parallelism (``batch_axis="batch"``): :meth:`OnlineLearner.run` splits the examples over
+that mesh axis with ``jax.shard_map``; each device steps its own examples and the step sums
+``Σ_b w_b``, the loss, the gradient and the guard's flags and counts over devices
+(``lax.psum``), so the result equals the single-device run (see :mod:`snapjax.sharding`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -64,14 +69,19 @@ class OnlineState(NamedTuple):
     """Everything needed to continue (or resume) an online run; a pytree.
 
     Attributes:
-      params: ``{"layers_i": ...}``.  opt_state: of ``skip_nonfinite(chain(optimizer, masked))``
+      params: ``{"layers_i": ...}``.
+      opt_state: of ``skip_nonfinite(chain(optimizer, masked))``
         (:meth:`OnlineLearner.optimizer_state` returns the user optimizer's own state).
       carry: tuple of flax carries, one per recurrent stage (batch axis 0).
       method_state: tuple of method states, one per recurrent stage.
       grad_acc: gradients summed since the last update (``None`` when ``update_every == 1``).
-      loss_acc: loss summed since the last update.  scored: a scored example since the last update.
-      step: int32, steps seen.  key: PRNG key.  skipped: non-finite updates skipped.
-      resets: example-steps reset as non-finite.  excluded: example-steps with invalid targets.
+      loss_acc: loss summed since the last update.
+      scored: a scored example since the last update.
+      step: int32, steps seen.
+      key: PRNG key.
+      skipped: non-finite updates skipped.
+      resets: example-steps reset as non-finite.
+      excluded: example-steps with invalid targets.
     """
 
     params: dict
@@ -103,8 +113,10 @@ class OnlineLearner:
       update_every: optimizer period ``K`` (steps); default: the methods' period (1, or the
         TBPTT window).  Must be a multiple of every method's period.
       masks: static 0/1 masks per projection (one recurrent layer), or ``{"layers_i": {...}}``.
-      n, precision, tbptt_window: passed to :func:`snapjax.online_method` (``tbptt_window`` is
-        its ``window``).
+      n: SnAp order, passed to :func:`snapjax.online_method`.
+      precision: matmul precision, passed to :func:`snapjax.online_method`.
+      tbptt_window: the truncated BPTT window, passed to :func:`snapjax.online_method` as its
+        ``window``.
       chunked: when ``update_every = K > 1``, run the methods that have a chunked form (exact
         RTRL, SnAp-1) chunk-wise over each K-step period: the same gradients, much cheaper
         (:mod:`snapjax.methods.chunked`).  ``chunk``: force a chunk length.
@@ -113,6 +125,9 @@ class OnlineLearner:
       guard: per-example fault containment (module docstring).
       skip_unscored_updates: no optimizer call for a period with no scored example.
       reset_influence: re-initialise the method states after every update.
+      batch_axis: a mesh axis name: :meth:`run` runs batch-parallel over it (``jax.shard_map``,
+        :mod:`snapjax.sharding`) and :meth:`step` reduces over it (call ``step`` itself only
+        inside a ``shard_map`` binding that axis).  ``None``: one device, no collectives.
     """
 
     model: Any
@@ -132,8 +147,17 @@ class OnlineLearner:
     guard: bool = True
     skip_unscored_updates: bool = False
     reset_influence: bool = False
+    batch_axis: str | None = None
+    if TYPE_CHECKING:  # set in __post_init__ (frozen dataclass); at run time not dataclass fields
+        _model: OnlineModel = dataclasses.field(init=False)
+        _stages: list[Stage] = dataclasses.field(init=False)
+        _method_specs: tuple = dataclasses.field(init=False)
+        _loss: Loss = dataclasses.field(init=False)
+        _cache: dict = dataclasses.field(init=False)
 
     def __post_init__(self):
+        if self.batch_axis is not None and (not isinstance(self.batch_axis, str) or not self.batch_axis):
+            raise ValueError(f"batch_axis must be a mesh axis name (a non-empty str) or None, got {self.batch_axis!r}")
         model = self.model
         if not isinstance(model, OnlineModel):
             layers = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -262,7 +286,7 @@ class OnlineLearner:
             raise ValueError(f"params for unknown layers {sorted(unknown)}; the model has {list(model.names)}")
         params = {**fresh, **jax.tree.map(jnp.asarray, given)}
         for name in given:
-            if jax.tree.structure(given[name]) != jax.tree.structure(fresh.get(name)):
+            if jax.tree.structure(given[name]) != jax.tree.structure(fresh.get(name)):  # type: ignore[operator]
                 raise ValueError(f"params[{name!r}] do not have the layer's structure {jax.tree.structure(fresh.get(name))}")
             for a, b in zip(jax.tree.leaves(given[name]), jax.tree.leaves(fresh[name])):
                 if jnp.shape(a) != jnp.shape(b):
@@ -290,12 +314,23 @@ class OnlineLearner:
         return jax.tree.map(lambda a: a.copy(), state)
 
     # ------------------------------------------------------------ the step
+    def _across(self, tree):
+        """Summed over the devices of ``batch_axis`` (unchanged on one device)."""
+        return tree if self.batch_axis is None else lax.psum(tree, self.batch_axis)
+
+    def _any(self, flag):
+        """``flag`` (bool scalar) true on some device of ``batch_axis``."""
+        return flag if self.batch_axis is None else lax.psum(flag.astype(jnp.int32), self.batch_axis) > 0
+
     def _loss_and_cot(self, outputs, y, weight):
-        """Masked mean loss and its cotangent w.r.t. the outputs."""
+        """Masked mean loss and its cotangent w.r.t. the outputs (with ``batch_axis``: this
+        device's share, over the denominator of the whole batch)."""
+        den = jnp.maximum(self._across(jnp.sum(weight)), 1)
+
         def total(o):
             per = self._loss(o, y)
             per = jnp.where(weight > 0, per, 0) * weight
-            return jnp.sum(per) / jnp.maximum(jnp.sum(weight), 1)
+            return jnp.sum(per) / den
 
         return jax.value_and_grad(total)(outputs)
 
@@ -314,12 +349,16 @@ class OnlineLearner:
             )
         return batch
 
-    def step(self, state: OnlineState, x_t: Array, y_t: Any, mask_t: Array | None = None, **opt_args):
+    def step(
+        self, state: OnlineState, x_t: Array, y_t: Any, mask_t: Array | None = None, **opt_args: Any
+    ) -> tuple[OnlineState, Array, dict]:
         """One time step of online learning (see the module docstring).
 
         Args:
-          state: :class:`OnlineState`.  x_t: ``(B, n_in)``.  y_t: ``(B,)`` int labels
-          (softmax_xent) or ``(B, out)`` (mse), or what a custom loss takes.
+          state: :class:`OnlineState`.
+          x_t: ``(B, n_in)``.
+          y_t: ``(B,)`` int labels (softmax_xent) or ``(B, out)`` (mse), or what a custom loss
+            takes.
           mask_t: ``(B,)`` loss weights (0 = no target); ``None`` = all ones.
           opt_args: extra arguments forwarded to the optimizer's ``update``.
         Returns:
@@ -347,6 +386,7 @@ class OnlineLearner:
             stepped = tuple(r[2].state for r in recs if r[2] is not None)
             grads, states = backward(self._stages, params, recs, cot, methods, stepped)
             carries = tuple(r[2].carry for r in recs if r[2] is not None)
+            loss, grads = self._across((loss, grads))
             return loss, grads, states, carries
 
         loss, grads, new_states, carries = loss_and_grads(weight, recs, outputs)
@@ -355,7 +395,7 @@ class OnlineLearner:
             ok = jnp.ones((batch,), bool)
             for c in carries:
                 ok = ok & finite_examples(c, batch)
-            bad_any = ~jnp.all(ok) | ~tree_all_finite(grads)
+            bad_any = self._any(~jnp.all(ok)) | ~tree_all_finite(grads)  # the same on every device
 
             def slow(_):
                 stepped = tuple(r[2].state for r in recs if r[2] is not None)
@@ -365,7 +405,7 @@ class OnlineLearner:
                 lo, gr, ns, cs = loss_and_grads(jnp.where(good, weight, 0), fixed, out)
                 skip = ~tree_all_finite(gr)  # still non-finite (e.g. non-finite parameters): drop the step
                 gr = jax.tree.map(lambda g: jnp.where(skip, 0, g), gr)
-                return lo, gr, ns, cs, jnp.sum(~good).astype(jnp.int32), skip, good
+                return lo, gr, ns, cs, self._across(jnp.sum(~good).astype(jnp.int32)), skip, good
 
             def fast(_):
                 return loss, grads, new_states, carries, jnp.zeros((), jnp.int32), jnp.zeros((), bool), ok
@@ -374,7 +414,7 @@ class OnlineLearner:
         else:
             skip, good = None, jnp.ones((batch,), bool)
         # scored example-steps left out of the loss for a reason other than a reset
-        excluded = jnp.sum(scored & ~valid & good).astype(jnp.int32)
+        excluded = self._across(jnp.sum(scored & ~valid & good).astype(jnp.int32))
         return self._update(state, methods, loss, grads, new_states, carries, scored, resets, excluded, recs,
                             opt_args, outputs, skip)
 
@@ -385,7 +425,7 @@ class OnlineLearner:
         grads = {**jax.tree.map(jnp.zeros_like, {k: v for k, v in params.items() if k not in grads}), **grads}
         grads = {k: grads[k] for k in params}
         count = state.step + 1
-        any_scored = state.scored | jnp.any(scored)
+        any_scored = state.scored | self._any(jnp.any(scored))
         loss_acc = state.loss_acc + loss
         tx = self.transform(params)
         acc = grads if state.grad_acc is None else jax.tree.map(jnp.add, state.grad_acc, grads)
@@ -434,9 +474,38 @@ class OnlineLearner:
         return new_state, outputs, metrics
 
     # -------------------------------------------------------------------- run
-    def run(self, state: OnlineState, xs: Array, ys: Any, masks: Array | None = None, **opt_args):
+    def run(
+        self, state: OnlineState, xs: Array, ys: Any, masks: Array | None = None, **opt_args: Any
+    ) -> tuple[OnlineState, Array, dict]:
         """``lax.scan`` of :meth:`step` over a time-major chunk ``xs (T, B, n_in)``, ``ys (T, B)``
-        or ``(T, B, out)``, ``masks (T, B)``.  Returns ``(state, outputs (T, B, out), metrics)``."""
+        or ``(T, B, out)``, ``masks (T, B)``.  Returns ``(state, outputs (T, B, out), metrics)``.
+
+        With ``batch_axis`` set: :meth:`run_sharded` over the mesh set with ``jax.set_mesh``."""
+        if self.batch_axis is not None:
+            return self.run_sharded(state, xs, ys, masks, **opt_args)
+        xs = self._check_chunk(state, xs, ys, masks)
+        return self._scan(state, xs, ys, masks, opt_args)
+
+    def run_sharded(self, state: OnlineState, xs: Array, ys: Any, masks: Array | None = None, *,
+                    mesh: Any = None, **opt_args):
+        """:meth:`run` batch-parallel over the mesh axis ``batch_axis`` (``jax.shard_map``; see
+        :mod:`snapjax.sharding`): the same results as one device, per-example state sharded
+        (place it with :func:`snapjax.shard_batch`), ``metrics['aux']`` leaves ``(T, D, ...)``.
+
+        Args:
+          mesh: a ``jax.sharding.Mesh`` with the axis ``batch_axis``; ``None``: the mesh set with
+            ``jax.set_mesh``.  Jit it, e.g. ``jax.jit(learner.run_sharded, static_argnames="mesh")``.
+        Raises:
+          ValueError: ``batch_axis`` not set, no mesh, or ``B`` not divisible by the axis size.
+        """
+        from snapjax.sharding import run_sharded
+
+        if self.batch_axis is None:
+            raise ValueError("run_sharded needs a mesh axis: OnlineLearner(..., batch_axis='batch')")
+        xs = self._check_chunk(state, xs, ys, masks)
+        return run_sharded(self, state, xs, ys, masks, opt_args, mesh)
+
+    def _check_chunk(self, state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> Array:
         xs = jnp.asarray(xs)
         batch = jax.tree.leaves(state.carry[0])[0].shape[0]
         if jnp.ndim(xs) != 3 or jnp.shape(xs)[1] != batch:
@@ -450,10 +519,14 @@ class OnlineLearner:
                 raise ValueError(f"targets must be time-major with leading axis T={T}, got shape {jnp.shape(leaf)}")
         if masks is not None and jnp.shape(masks) != (T, batch):
             raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
+        return xs
 
+    def _scan(self, state, xs, ys, masks, opt_args, device_aux=False):
         def body(st, inp):
             x, y, m = inp
             st, out, metrics = self.step(st, x, y, m, **opt_args)
+            if device_aux:  # per-device statistics: a device axis, concatenated by shard_map
+                metrics = {**metrics, "aux": jax.tree.map(lambda a: jnp.asarray(a)[None], metrics["aux"])}
             return st, (out, metrics)
 
         state, (outs, metrics) = lax.scan(body, state, (xs, ys, masks))

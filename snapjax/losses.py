@@ -86,7 +86,7 @@ class Loss:
     """
 
     fn: Callable[[Array, Any], Array]
-    check: Callable[[Array, Any], None] = lambda outputs, targets: None
+    check: Callable[[Any, Any], None] = lambda outputs, targets: None  # outputs: an array or its ShapeDtypeStruct
     valid: Callable[[Array, Any], Array] | None = None
     name: str = "loss"
 

@@ -36,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -172,6 +172,8 @@ class OnlineModel:
     """
 
     layers: tuple
+    if TYPE_CHECKING:  # set in __init__ (frozen dataclass), not dataclass fields
+        _flags: tuple[bool, ...]
 
     def __init__(self, layers: Sequence[Any]):
         layers = tuple(_from_nnx_layer(m) for m in layers)
@@ -269,7 +271,8 @@ def forward(stages: list[Stage], params, carries, states, x, methods):
 
 def backward(stages: list[Stage], params, recs, out_cot, methods, states):
     """Cotangents within the step; returns ``(grads, new method states)``."""
-    grads, new_states = {}, list(states)
+    grads: dict[str, Any] = {}
+    new_states = list(states)
     cot, j = out_cot, len(methods)
     has_params_below = [any(s.params(params) is not None for s in stages[:i]) for i in range(len(stages))]
     for i in reversed(range(len(stages))):

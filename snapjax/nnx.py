@@ -131,7 +131,7 @@ def to_nnx(cell: nnx.Module, params: PyTree) -> None:
     """
     spec, vars_ = _layout(cell)
     spec.check_params(params)
-    n_in = int(_get(cell.dense_i.kernel if hasattr(cell, "dense_i") else cell.ii.kernel).shape[0])
+    n_in = int(_get(cell.dense_i.kernel if hasattr(cell, "dense_i") else cell.ii.kernel).shape[0])  # type: ignore[attr-defined]
     if spec.input_size(params) != n_in:
         raise ValueError(f"params have input size {spec.input_size(params)}, the nnx cell has {n_in}")
     new: dict[int, tuple[nnx.Variable, jax.Array]] = {}

@@ -70,7 +70,7 @@ class NeighbourTable(NamedTuple):
         return int(self.nbr.shape[1])
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # shadows tuple.count on purpose
         """Number of real (unpadded) entries, Σ_i |reach_n(i)|."""
         return int(self.valid.sum())
 
@@ -253,7 +253,7 @@ def component_patterns(
     all_full = True
     for g, ipat in groups.items():
         # M[i, (u, a)] for a parameter in column i.
-        M = np.zeros((units, units, m), bool)
+        M: np.ndarray = np.zeros((units, units, m), bool)
         M[np.arange(units), np.arange(units), :] = ipat
         M = M.reshape(units, units * m)
         for _ in range(n - 1):

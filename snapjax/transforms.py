@@ -119,7 +119,7 @@ def skip_nonfinite(inner: optax.GradientTransformation | None = None) -> optax.G
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def skipped_count(opt_state: PyTree) -> jax.Array:
+def skipped_count(opt_state: PyTree) -> jax.Array | None:
     """Total skips recorded by the outermost :class:`SkipNonFiniteState` found in ``opt_state``
     (searching depth-first through tuples); ``None`` if there is none."""
     if isinstance(opt_state, SkipNonFiniteState):

@@ -80,7 +80,7 @@ class UOROState(NamedTuple):
 
 
 def _sq_norm_per_example(tree: PyTree) -> Array:
-    return sum(jnp.sum(jnp.reshape(x * x, (x.shape[0], -1)), axis=1) for x in jax.tree.leaves(tree))
+    return sum(jnp.sum(jnp.reshape(x * x, (x.shape[0], -1)), axis=1) for x in jax.tree.leaves(tree))  # type: ignore[return-value]
 
 
 def _first(tree: PyTree) -> PyTree:
@@ -126,7 +126,7 @@ class UORO(OnlineMethod):
         return UOROState(s_tilde, theta, key)
 
     def batch_axes(self) -> UOROState:
-        return UOROState(s_tilde=0, theta_tilde=0, key=None)
+        return UOROState(s_tilde=0, theta_tilde=0, key=None)  # type: ignore[arg-type]
 
     def num_stored(self) -> int:
         """Stored floats per example: ``k + p`` (dense-equivalent p; masked entries are zeros)."""

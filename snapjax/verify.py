@@ -68,7 +68,7 @@ _FALLBACK = "pass the cell as a flax module (generic dense path: snapjax.as_recu
 
 
 def _check_verify_masks(spec: CellSpec, params: PyTree, masks: Any) -> dict:
-    out = {p.name: None for p in spec.projections}
+    out: dict[str, np.ndarray | None] = {p.name: None for p in spec.projections}
     if masks is None:
         return out
     if not isinstance(masks, Mapping):
@@ -165,12 +165,12 @@ def verify_spec(spec: CellSpec, params: PyTree, masks: PyTree | None = None, *, 
         raise ValueError(f"verify_spec needs a CellSpec, got {type(spec).__name__}")
     spec.check_params(params)
     masks = _check_verify_masks(spec, params, masks)
-    x64 = bool(jax.config.jax_enable_x64)
+    x64 = bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
     dtype, tol, B, n = (jnp.float64 if x64 else jnp.float32), (1e-8 if x64 else 1e-4), 2, 2
     rng = np.random.default_rng(seed)
     normal = lambda shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
     with jax.ensure_compile_time_eval(), jax.default_matmul_precision("highest"):
-        point = {}
+        point: dict[str, Any] = {}
         for p in spec.projections:
             rows = np.shape(params[p.name]["kernel"])[0]
             point[p.name] = {"kernel": normal((rows, spec.units), 1.0 / np.sqrt(rows))}

@@ -34,6 +34,15 @@ from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
 NO_TIME_CAP = 1e9  # seconds: the token / character budgets end every run, never the clock
 
 
+def test_common_docstring_example():
+    """The module example of benchmarks/_common.py runs (TBPTT: chunk rounded up to the window,
+    one optimiser step for the scored window of a 3-step sequence)."""
+    import doctest
+
+    result = doctest.testmod(common, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
 def test_make_masks_density():
     params = common.cell_params(jax.random.key(0), 8, NUM_TOKENS)
     assert common.make_masks(0, 8, NUM_TOKENS, 1.0) is None

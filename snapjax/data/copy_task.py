@@ -212,7 +212,7 @@ class Curriculum(NamedTuple):
 
     length: jax.Array
     losses: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
     threshold: jax.Array
     max_length: jax.Array
 

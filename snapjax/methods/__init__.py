@@ -25,7 +25,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import jax
 import numpy as np
@@ -93,7 +93,7 @@ def online_method(
     window: int | None = None,
     chunk: int | None = None,
     chunk_policy: str = "require",
-    layout: str | None = None,
+    layout: Literal["diag", "table", "dense"] | None = None,
     block: int | float | None = None,
     eps: float = 1e-7,
     input_size: int | None = None,
@@ -139,7 +139,7 @@ def online_method(
     if kind == "tbptt":
         from snapjax.methods.tbptt import TBPTT
 
-        return TBPTT.build(rec, params, window=window, masks=masks, precision=precision, input_size=input_size)
+        return TBPTT.build(rec, params, window=window, masks=masks, precision=precision, input_size=input_size)  # type: ignore[arg-type]  # check_options: not None
     if kind == "uoro":
         from snapjax.uoro import uoro_method
 

@@ -27,8 +27,10 @@ The influence is stored in the per-step engine's compressed layout
 (:func:`snapjax.influence.influence_tracker`: ``"dense"`` for RTRL, ``"diag"`` for SnAp-1; masked
 kernels stored compressed), so after every chunk ``J`` equals the per-step method's ``J`` and
 either method can continue the other's stream.  Memory: the influence plus ``K`` state-sized
-buffers (flat in stream length); the close also holds the ``K`` matrices ``Φ_τ`` (RTRL:
-``K·k²`` per example).  Masked kernels are contracted densely and gathered to the stored rows.
+buffers (flat in stream length); the close also holds the ``K`` matrices ``Φ_τ`` and
+``Φ_τ I_τ`` column blocks (RTRL: ``K·k²·(1 + P_src/m)`` per example).  Masked kernels are
+contracted densely and gathered to the stored rows.  Buffers are batch-major (``(B, K, ...)``)
+and the close runs on ``(B, L, U·W·m)`` views, so XLA:CPU needs no transposes of them.
 
 Streams: a ragged last chunk is closed with :meth:`ChunkedInfluence.flush` (gradient of the
 steps seen so far, ``J`` advanced to the current step; call it after a step's ``gradient``).
@@ -74,15 +76,14 @@ __all__ = ["ChunkedState", "ChunkedInfluence", "chunked_method"]
 
 class ChunkedState(NamedTuple):
     """State of a chunked method (``K`` chunk length, ``B`` batch, ``U`` units, ``m`` components
-    per unit, ``P`` projections, ``Q`` unit parameters).  Buffers are time-major (batch axis 1).
+    per unit, ``P`` projections, ``Q`` unit parameters).  Buffers are batch-major (axis 0).
 
     Attributes:
-      influence: ``J`` at the last chunk boundary, engine layout (batch axis 0).
-      xs: inputs ``(K, B, n_in)``.  hs: read-outs ``h_{τ-1}`` ``(K, B, U)``.
-      dpre, dunit, dstate: ``∂φ/∂a`` ``(K, B, U, m, P)``, ``∂φ/∂θᵘ`` ``(K, B, U, m, Q)``,
-        ``∂φ/∂s`` ``(K, B, U, m, m)`` of each step.
-      cot: cotangents ``c_τ`` ``(K, B, U, m)``.
-      cut: ``(K, B)`` bool, the chain is cut before step ``τ`` (a reset).
+      influence: ``J`` at the last chunk boundary, in the engine's layout (batch axis 0).
+      xs: inputs ``(B, K, n_in)``.  hs: read-outs ``h_{τ-1}`` ``(B, K, U)``.
+      dpre, dunit: ``∂φ/∂a`` ``(B, K, P, U·m)`` and ``∂φ/∂θᵘ`` ``(B, K, Q, U·m)`` of each step.
+      dstate: ``∂φ/∂s`` (within a unit) ``(B, K, U·m·m)``.  cot: ``c_τ`` ``(B, K, U·m)``.
+      cut: ``(B, K)`` bool, the chain is cut before step ``τ`` (a reset).
       pending: ``(B,)`` a reset requested before the next step.  drop: ``(B,)`` a reset came
         between a step and its ``gradient`` (that step's cotangent is dropped).
       stepped: bool scalar, a step awaits its ``gradient``.  pos: int32 scalar, slot of the
@@ -109,22 +110,34 @@ def _bcast(flag: Array, ndim: int, axis: int = 0) -> Array:
     return jnp.reshape(flag, shape)
 
 
-def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
-    """``fn(state)`` if ``pred`` else ``default`` (``(grads, influence)``).
-
-    A ``lax.while_loop`` of zero or one trip rather than ``lax.cond``: XLA updates a while
-    loop's carry in place, whereas a ``cond`` whose other branch passes the influence through
-    unchanged costs a copy of it at every step (measured: it dominated the per-step time)."""
-
-    def body(carry):
-        _, _, J = carry
-        return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=J)))
-
-    return lax.while_loop(lambda c: c[0], body, (pred,) + tuple(default))[1:]
-
-
 def _zero_examples(tree: PyTree, where: Array) -> PyTree:
     return jax.tree.map(lambda a: jnp.where(_bcast(where, a.ndim), jnp.zeros((), a.dtype), a), tree)
+
+
+def _flat(J: Array) -> Array:
+    """An influence leaf ``(B, *lead, U, W, m)`` as ``(B, L, U·W·m)`` (a free reshape)."""
+    return J.reshape(J.shape[0], int(np.prod(J.shape[1:-3])), int(np.prod(J.shape[-3:])))
+
+
+def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
+    """``fn(state with (B, L, U·W·m) influence views)`` if ``pred`` else ``default``, as
+    ``(grads, influence)``.  A ``lax.while_loop`` of zero or one trip rather than ``lax.cond``:
+    XLA updates a while loop's carry in place, whereas a ``cond`` whose other branch passes
+    the influence through costs a copy of it at every step (it dominated the step time)."""
+    shapes = jax.tree.map(jnp.shape, state.influence)
+
+    def body(carry):
+        return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=carry[2])))
+
+    grads, J = lax.while_loop(lambda c: c[0], body, (pred, default[0], jax.tree.map(_flat, default[1])))[1:]
+    return grads, jax.tree.map(lambda a, s: a.reshape(s), J, shapes, is_leaf=lambda x: isinstance(x, jax.Array))
+
+
+def _sum_axis1(x: Array) -> Array:
+    """``x.sum(1)`` as a batched product with ones (XLA:CPU reduces non-minor axes slowly)."""
+    ones = jnp.ones((x.shape[0], 1, x.shape[1]), x.dtype)
+    out = jnp.matmul(ones, x.reshape(x.shape[0], x.shape[1], -1), precision=lax.Precision.HIGHEST)
+    return out.reshape(x.shape[:1] + x.shape[2:])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,8 +165,8 @@ class ChunkedInfluence(OnlineMethod):
         return self.chunk
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> ChunkedState:
-        """``J_0 = 0`` stored in ``dtype`` (``jnp.bfloat16`` halves it) and empty buffers in
-        ``promote_types(dtype, param dtype)``."""
+        """``J_0 = 0`` stored in ``dtype`` (``jnp.bfloat16`` halves it; the arithmetic stays in
+        the buffers' dtype) and empty buffers in ``promote_types(dtype, param dtype)``."""
         del key
         b = check_batch_size(batch_size)
         J = self.tracker.init(b, dtype)
@@ -162,12 +175,12 @@ class ChunkedInfluence(OnlineMethod):
         U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
         z = lambda *s: jnp.zeros(s, bdt)  # noqa: E731
         flags = jnp.zeros((b,), bool)
-        return ChunkedState(J, z(K, b, self.tracker.n_in), z(K, b, U), z(K, b, U, m, P), z(K, b, U, m, Q),
-                            z(K, b, U, m, m), z(K, b, U, m), jnp.zeros((K, b), bool), flags, flags,
+        return ChunkedState(J, z(b, K, self.tracker.n_in), z(b, K, U), z(b, K, P, U * m), z(b, K, Q, U * m),
+                            z(b, K, U * m * m), z(b, K, U * m), jnp.zeros((b, K), bool), flags, flags,
                             jnp.zeros((), bool), jnp.zeros((), jnp.int32))
 
     def batch_axes(self) -> ChunkedState:
-        return ChunkedState(influence=0, xs=1, hs=1, dpre=1, dunit=1, dstate=1, cot=1, cut=1,
+        return ChunkedState(influence=0, xs=0, hs=0, dpre=0, dunit=0, dstate=0, cot=0, cut=0,
                             pending=0, drop=0, stepped=None, pos=None)
 
     def num_stored(self) -> int:
@@ -183,8 +196,8 @@ class ChunkedInfluence(OnlineMethod):
         spec = self.tracker.spec
         batch = int(jnp.shape(state.pending)[0])
         if tuple(got) != (batch, spec.units, spec.state_dim):
-            raise ValueError(f"{what} must match carry shape ({batch}, {spec.units}) per component "
-                             f"(internal {(batch, spec.units, spec.state_dim)}), got internal {tuple(got)}")
+            raise ValueError(f"{what} must match the state: batch {batch}, {spec.units} units, {spec.state_dim} "
+                             f"component(s) (internal {(batch, spec.units, spec.state_dim)}), got internal {tuple(got)}")
         return batch
 
     # ------------------------------------------------------------------- step
@@ -199,27 +212,26 @@ class ChunkedInfluence(OnlineMethod):
         pos = state.pos
 
         def put(buf, v):
-            return lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), pos, 0)
+            return lax.dynamic_update_index_in_dim(buf, v.reshape(buf.shape[:1] + buf.shape[2:]).astype(buf.dtype), pos, 1)
 
         new = state._replace(
-            xs=put(state.xs, x), hs=put(state.hs, jac.inputs["state"]), dpre=put(state.dpre, jac.dphi_pre),
-            dunit=put(state.dunit, jac.dphi_unit), dstate=put(state.dstate, jac.dphi_state),
-            cut=put(state.cut, state.pending), pending=jnp.zeros_like(state.pending), stepped=jnp.ones((), bool),
+            xs=put(state.xs, x), hs=put(state.hs, jac.inputs["state"]),
+            dpre=put(state.dpre, jnp.moveaxis(jac.dphi_pre, -1, 1)), dunit=put(state.dunit, jnp.moveaxis(jac.dphi_unit, -1, 1)),
+            dstate=put(state.dstate, jac.dphi_state), cut=put(state.cut, state.pending),
+            pending=jnp.zeros_like(state.pending), stepped=jnp.ones((), bool),
         )
         return StepResult(spec.from_internal(jac.new_state), new, {})
 
     def gradient(self, params: PyTree, state: ChunkedState, dloss_dcarry: PyTree) -> tuple[PyTree, ChunkedState]:
         """Buffer ``c_τ``; at the chunk's last step return the chunk gradient and advance ``J``
-        (``lax.cond``: the heavy part runs only then), zeros otherwise."""
+        (the heavy part runs only then), zeros otherwise."""
         spec = self.tracker.spec
         c = spec.to_internal(dloss_dcarry)
-        self._check_batch(state, "dloss_dcarry", jnp.shape(c))
-        c = jnp.where(state.drop[:, None, None], 0, c)
+        batch = self._check_batch(state, "dloss_dcarry", jnp.shape(c))
+        c = jnp.where(state.drop[:, None, None], 0, c).reshape(batch, -1).astype(state.cot.dtype)
         pos = state.pos
-        state = state._replace(cot=lax.dynamic_update_index_in_dim(state.cot, c.astype(state.cot.dtype), pos, 0),
-                               stepped=jnp.zeros((), bool))
+        state = state._replace(cot=lax.dynamic_update_index_in_dim(state.cot, c, pos, 1), stepped=jnp.zeros((), bool))
         end = pos == self.chunk - 1
-
         grads, J = _run_if(end, lambda st: self._close(params, st, None), state, (self._zeros(params), state.influence))
         new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
         return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos)
@@ -251,47 +263,57 @@ class ChunkedInfluence(OnlineMethod):
         return jax.tree.map(jnp.zeros_like, params)
 
     def _close(self, params: PyTree, st: ChunkedState, n: Array | None) -> tuple[PyTree, PyTree]:
-        """Chunk gradient and ``J_{t0+n}`` from the buffers (``n=None``: all ``K`` slots)."""
+        """Chunk gradient and ``J_{t0+n}`` (``(B, L, U·W·m)`` views) from the buffers
+        (``n=None``: all ``K`` slots)."""
         spec, tr, K = self.tracker.spec, self.tracker, self.chunk
-        prec, m = tr.precision, spec.state_dim
+        prec, U, m = tr.precision, spec.units, spec.state_dim
         if n is not None:  # unused slots become identity steps: D = I, I = 0, c = 0
             valid = jnp.arange(K) < n
-            keep = lambda a, fill=0: jnp.where(_bcast(valid, a.ndim), a, fill)  # noqa: E731
+            keep = lambda a, fill=0: jnp.where(_bcast(valid, a.ndim, 1), a, fill)  # noqa: E731
+            eye = jnp.eye(m, dtype=st.dstate.dtype).reshape(-1)
             st = st._replace(xs=keep(st.xs), hs=keep(st.hs), dpre=keep(st.dpre), dunit=keep(st.dunit),
-                             dstate=keep(st.dstate, jnp.eye(m, dtype=st.dstate.dtype)), cot=keep(st.cot),
-                             cut=st.cut & valid[:, None])
-        J, B, U = st.influence, st.cot.shape[1], spec.units
+                             dstate=keep(st.dstate, jnp.tile(eye, U)), cot=keep(st.cot), cut=st.cut & valid)
+        J, B = st.influence, st.cot.shape[0]
         names = [p.name for p in spec.projections] + list(spec.unit_params)
         source = {p.name: p.source for p in spec.projections}
-        d_all = jnp.concatenate([st.dpre, st.dunit], axis=-1)  # (K, B, U, m, P + Q)
+        d_all = jnp.concatenate([st.dpre, st.dunit], axis=2)  # (B, K, P + Q, U·m)
         grads, new_J = {}, {}
         for pattern, groups in self.pattern_sets:
-            idx = np.asarray([names.index(g) for g in groups])
-            d = d_all if len(idx) == len(names) else d_all[..., idx]  # (K, B, U, m, G)
+            idx = [names.index(g) for g in groups]
+            d = d_all if idx == list(range(len(names))) else d_all[:, :, np.asarray(idx)]  # (B, K, G, U·m)
+            d5 = d.reshape(d.shape[:3] + (U, m))
             if tr.layout == "diag":
-                delta, e, phis, phi0, dead = self._backward_diag(params, st, pattern)  # Φ (K, B, U, m, m)
-                G = (phis[:, :, None] * jnp.moveaxis(d, -1, 2)[..., None, :]).sum(-1)  # (K, B, G, U, m)
+                delta, e, phis, phi0, dead = self._backward_diag(params, st, pattern)  # Φ (B, K, U·m·m)
+                if m == 1:  # no unit axes of size 1 (XLA:CPU then loops without vectorising)
+                    G = phis[:, :, None] * d
+                else:
+                    phi5 = phis.reshape(B, K, 1, U, m, m)
+                    G = sum(phi5[..., c] * d5[..., c, None] for c in range(m)).reshape(d.shape)
             else:
-                delta, e, phis, phi0, dead = self._backward_dense(params, st)  # Ψ = Φᵀ (K, B, k, k)
-                psi = phis.reshape(K, B, 1, U, m, U * m)
-                G = (psi * jnp.moveaxis(d, -1, 2)[..., None]).sum(4)  # (K, B, G, U, k)
-            # G[τ, b, g, i, :] = Φ_τ[b, :, (i, c)] ∂φ_{i,c}/∂a_{g,i} summed over c: Φ_τ I_τ per unit i
-            w = (delta[..., None] * d).sum(3)  # (K, B, U, G): δ_τ ⊙ ∂φ/∂a_g
-            w_sum, G_sum = w.sum((0, 1)), G.sum(0)
+                delta, e, phis, phi0, dead = self._backward_dense(params, st)  # Ψ = Φᵀ (B, K, k, k)
+                psi = phis.reshape(B, K, 1, U, m, U * m)
+                G = sum(psi[:, :, :, :, c] * d5[..., c, None] for c in range(m)).reshape(B, K, -1, U * U * m)
+            # G[b, τ, g, (i, ·)] = Σ_c Φ_τ[b, ·, (i, c)] ∂φ_{i,c}/∂a_{g,i}: column i of Φ_τ I_τ
+            delta5 = delta.reshape(B, K, 1, U, m)
+            w = sum(delta5[..., c] * d5[..., c] for c in range(m))  # (B, K, G, U): δ_τ ⊙ ∂φ/∂a_g
+            w_sum, G_sum = w.reshape(B * K, -1).sum(0).reshape(w.shape[2:]), _sum_axis1(G)
             for src, v in (("input", st.xs), ("state", st.hs)):
                 sel = [j for j, g in enumerate(groups) if source.get(g) == src]
                 if not sel:
                     continue
-                g_k = jnp.einsum("tbl,tbip->pli", v, w[..., np.asarray(sel)], precision=prec)
-                a_k = jnp.einsum("tbl,tbpn->blpn", v, G[:, :, np.asarray(sel)].reshape(K, B, len(sel), -1),
-                                 precision=prec)  # (B, n_in, G_src, U·W·m): Σ_τ v_τ ⊗ Φ_τ I_τ
+                sl = slice(sel[0], sel[-1] + 1) if sel == list(range(sel[0], sel[-1] + 1)) else np.asarray(sel)
+                g_k = jnp.einsum("btl,btn->ln", v, w[:, :, sl].reshape(B, K, -1), precision=prec)
+                g_k = g_k.reshape(-1, len(sel), U)  # (n_in, G_src, U): Σ_τ v_τ ⊗ (δ_τ ⊙ ∂φ/∂a)
+                a_k = jnp.einsum("btl,btn->bln", v, G[:, :, sl].reshape(B, K, -1), precision=prec)
+                a_k = a_k.reshape(B, -1, len(sel), G.shape[-1])  # (B, n_in, G_src, U·W·m): Σ_τ v_τ ⊗ Φ_τ I_τ
                 for q, j in enumerate(sel):
                     name, lay = groups[j], tr.kernels[groups[j]]
-                    kern = g_k[q] if tr.masks[name] is None else g_k[q] * jnp.asarray(tr.masks[name], g_k.dtype)
-                    add = a_k[:, :, q].reshape(B, -1, U, G.shape[-1])
+                    kern = g_k[:, q] if tr.masks[name] is None else g_k[:, q] * jnp.asarray(tr.masks[name], g_k.dtype)
+                    add = a_k[:, :, q]
                     if lay.rows is not None:  # gather the stored rows of a masked kernel
                         cols = np.broadcast_to(np.arange(U), lay.rows.shape)
-                        add = jnp.where(jnp.asarray(lay.valid)[None, :, :, None], add[:, lay.rows, cols], 0)
+                        add = add.reshape(B, -1, U, G.shape[-1] // U)[:, lay.rows, cols]
+                        add = jnp.where(jnp.asarray(lay.valid)[None, :, :, None], add, 0).reshape(B, -1, G.shape[-1])
                     g_j, new = self._advance(J[name]["kernel"], e, phi0, dead, st.drop, add)
                     if lay.rows is not None:  # scatter the stored rows back to the kernel's shape
                         g_j = jnp.zeros((lay.n_in, U), g_j.dtype).at[lay.rows, cols].add(jnp.where(lay.valid, g_j, 0))
@@ -299,9 +321,9 @@ class ChunkedInfluence(OnlineMethod):
             for j, name in enumerate(groups):  # biases and unit parameters: I_τ = ∂φ_i/∂a_i
                 if name in source and not spec.projection(name).use_bias:
                     continue
-                g_b, J_b = self._advance(J[name]["bias"] if name in source else J[name], e, phi0, dead,
-                                         st.drop, G_sum[:, j][:, None])
-                g_b = w_sum[:, j] + g_b
+                leaf = J[name]["bias"] if name in source else J[name]
+                g_b, J_b = self._advance(leaf, e, phi0, dead, st.drop, G_sum[:, None, j])
+                g_b = w_sum[j] + g_b[0]
                 if name in source:
                     grads[name]["bias"], new_J[name]["bias"] = g_b, J_b
                 else:
@@ -310,74 +332,98 @@ class ChunkedInfluence(OnlineMethod):
         return grads, new_J
 
     def _backward_diag(self, params: PyTree, st: ChunkedState, pattern):
-        """SnAp-1 sweep with the diagonal blocks ``D̃ = M ⊙ diag-blocks(D)`` (``(B, U, m, m)``)."""
-        spec, tr = self.tracker.spec, self.tracker
+        """SnAp-1 sweep with the diagonal blocks ``D̃ = M ⊙ diag-blocks(D)`` (``m × m`` per unit)."""
+        spec, tr, K = self.tracker.spec, self.tracker, self.chunk
+        B, U, m = st.cot.shape[0], spec.units, spec.state_dim
         idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
         diag = [jnp.diagonal(masked_kernel(params, spec.projections[j].name, tr.masks)) for j in idx]
-        rec = sum(st.dpre[..., j] * w[:, None] for j, w in zip(idx, diag))  # (K, B, U, m)
-        dii = st.dstate.at[..., spec.readout].add(rec.astype(st.dstate.dtype))
+        rec = sum(st.dpre[:, :, j].reshape(B, K, U, m) * w[:, None] for j, w in zip(idx, diag))  # (B, K, U, m)
+        dii = st.dstate.reshape(B, K, U, m, m).at[..., spec.readout].add(rec.astype(st.dstate.dtype))
         if pattern is not None:
             dii = dii * jnp.asarray(pattern[:, :, None], dii.dtype)
-        B, U, m = st.cot.shape[1:]
+        dii = dii.reshape(B, K, -1)
 
-        def body(carry, inp):
-            g, phi, dead = carry  # D_{τ+1}ᵀ δ_{τ+1}, Φ_τ, cut after τ
-            d, c, cut = inp
-            delta = c + g
-            g_new = jnp.where(cut[:, None, None], 0, (d * delta[..., None]).sum(-2))
-            dead = dead | cut
-            phi_new = jnp.where(dead[:, None, None, None], 0, (phi[..., None] * d[:, :, None]).sum(-2))
-            return (g_new, phi_new, dead), (delta, phi)
+        def dot_t(d, x):  # (Dᵀ x)[u, c] = Σ_a D[u, a, c] x[u, a]
+            return x * d if m == 1 else (d.reshape(B, U, m, m) * x.reshape(B, U, m, 1)).sum(2).reshape(B, -1)
 
-        eye = jnp.broadcast_to(jnp.eye(m, dtype=dii.dtype), (B, U, m, m))
-        init = (jnp.zeros((B, U, m), dii.dtype), eye, jnp.zeros((B,), bool))
-        (e, phi0, dead), (delta, phis) = lax.scan(body, init, (dii, st.cot, st.cut), reverse=True)
-        return delta, e, phis, phi0, dead
+        def mat(phi, d):  # (Φ D)[u, a, e] = Σ_c Φ[u, a, c] D[u, c, e]
+            if m == 1:
+                return phi * d
+            return (phi.reshape(B, U, m, m, 1) * d.reshape(B, U, 1, m, m)).sum(3).reshape(B, -1)
+
+        return self._sweep(st, dii, dot_t, mat, jnp.tile(jnp.eye(m, dtype=dii.dtype).reshape(-1), (B, U)))
 
     def _backward_dense(self, params: PyTree, st: ChunkedState):
         """Exact sweep with the full ``D`` (``(B, k, k)``); returns ``Ψ_τ = Φ_τᵀ``."""
-        spec, tr = self.tracker.spec, self.tracker
-        B, U, m = st.cot.shape[1:]
+        spec, tr, K = self.tracker.spec, self.tracker, self.chunk
+        B, U, m = st.cot.shape[0], spec.units, spec.state_dim
         k = U * m
 
-        def body(carry, inp):
-            g, psi, dead = carry
-            dpre, dstate, c, cut = inp
-            D = dense_dynamics(spec, params, StepJacobians(None, dpre, None, dstate, None), tr.masks)
-            D = D.reshape(B, k, k).astype(psi.dtype)
-            delta = c.reshape(B, k) + g
-            g_new = jnp.where(cut[:, None], 0, jnp.einsum("bkj,bk->bj", D, delta, precision=tr.precision))
-            dead = dead | cut
-            psi_new = jnp.matmul(jnp.swapaxes(D, 1, 2), psi, precision=tr.precision)  # (Φ_τ D_τ)ᵀ
-            psi_new = jnp.where(dead[:, None, None], 0, psi_new)
-            return (g_new, psi_new, dead), (delta.reshape(B, U, m), psi)
+        def build(t):
+            dpre = jnp.moveaxis(lax.dynamic_index_in_dim(st.dpre, t, 1, False).reshape(B, -1, U, m), 1, -1)
+            dstate = lax.dynamic_index_in_dim(st.dstate, t, 1, False).reshape(B, U, m, m)
+            jac = StepJacobians(None, dpre, None, dstate, None)
+            return dense_dynamics(spec, params, jac, tr.masks).reshape(B, k, k).astype(st.cot.dtype)
 
-        dt = st.cot.dtype
-        init = (jnp.zeros((B, k), dt), jnp.broadcast_to(jnp.eye(k, dtype=dt), (B, k, k)), jnp.zeros((B,), bool))
-        (e, psi0, dead), (delta, psis) = lax.scan(body, init, (st.dpre, st.dstate, st.cot, st.cut), reverse=True)
-        return delta, e.reshape(B, U, m), psis, psi0, dead
+        def dot_t(D, x):
+            return jnp.matmul(x[:, None], D, precision=tr.precision)[:, 0]
+
+        def mat(psi, D):  # Ψ_{τ-1} = D_τᵀ Ψ_τ
+            return jnp.matmul(jnp.swapaxes(D, 1, 2), psi, precision=tr.precision)
+
+        eye = jnp.broadcast_to(jnp.eye(k, dtype=st.cot.dtype), (B, k, k))
+        return self._sweep(st, build, dot_t, mat, eye)
+
+    def _sweep(self, st: ChunkedState, dyn, dot_t, mat, phi_init):
+        """Backward over the chunk: ``δ_τ = c_τ + D_{τ+1}ᵀ δ_{τ+1}``, ``Φ_{τ-1} = Φ_τ D_τ``, with
+        the chain cut (and ``Φ`` zeroed) at resets.  ``dyn``: ``(B, K, ·)`` array of ``D`` or a
+        function of ``τ``.  Returns ``δ (B, K, k)``, ``e = D_{t0+1}ᵀ δ_{t0+1}``, ``Φ_τ`` stacked
+        ``(B, K, ...)``, ``Φ_{t0}`` and whether a reset cut the chunk, per example."""
+        K, B = self.chunk, st.cot.shape[0]
+
+        def body(i, carry):
+            g, phi, dead, deltas, phis = carry
+            t = K - 1 - i
+            D = dyn(t) if callable(dyn) else lax.dynamic_index_in_dim(dyn, t, 1, False)
+            cut = lax.dynamic_index_in_dim(st.cut, t, 1, False)
+            delta = lax.dynamic_index_in_dim(st.cot, t, 1, False) + g
+            deltas = lax.dynamic_update_index_in_dim(deltas, delta, t, 1)
+            phis = lax.dynamic_update_index_in_dim(phis, phi, t, 1)
+            g = jnp.where(_bcast(cut, g.ndim), 0, dot_t(D, delta))
+            dead = dead | cut
+            phi = jnp.where(_bcast(dead, phi.ndim), 0, mat(phi, D))
+            return g, phi, dead, deltas, phis
+
+        init = (jnp.zeros_like(st.cot[:, 0]), phi_init, jnp.zeros((B,), bool), jnp.zeros_like(st.cot),
+                jnp.zeros((B, K) + phi_init.shape[1:], phi_init.dtype))
+        e, phi0, dead, deltas, phis = lax.fori_loop(0, K, body, init)
+        return deltas, e, phis, phi0, dead
 
     def _advance(self, J: Array, e: Array, phi0: Array, dead: Array, zero: Array, add: Array):
-        """One influence leaf ``J (B, *lead, U, W, m)`` read once per chunk: returns the gradient
-        term ``Σ_b e_b J_{t0,b}`` (``(*lead, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U, m)``) and
-        ``Φ_{t0} J + add`` (``add = Σ_τ Φ_τ I_τ``, ``(B, L, U, W·m)``) rounded to ``J``'s dtype.
-        ``dead``: ``Φ_{t0} = 0`` (a reset in the chunk); ``zero``: the new ``J`` is 0."""
-        B, U, W, m = J.shape[0], *J.shape[-3:]
+        """One influence leaf ``J (B, L, U·W·m)``, read once per chunk: returns the gradient term
+        ``Σ_b e_b J_{t0,b}`` (``(L, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U·m)``) and ``Φ_{t0} J +
+        add`` (``add = Σ_τ Φ_τ I_τ``) rounded to ``J``'s dtype.  ``dead``: ``Φ_{t0} = 0`` (a reset
+        in the chunk); ``zero``: the new ``J`` is 0 (a reset after the chunk's last step)."""
+        B, L, n = J.shape
+        U, m = self.tracker.spec.units, self.tracker.spec.state_dim
         cdt = jnp.promote_types(J.dtype, add.dtype)
-        Jf, e = J.reshape(B, -1, U, W * m).astype(cdt), e.astype(cdt)
-        if self.tracker.layout == "diag" and m == 1:  # elementwise: one pass over J
-            g = (e[:, None, :, 0] * Jf[..., 0]).sum(0)
-            prop = phi0[:, None, :, :, 0] * Jf
-        elif self.tracker.layout == "diag":  # Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
-            g = (e[:, None] * Jf).sum((0, 3))
-            prop = (phi0[:, None] * Jf[:, :, :, None, :]).sum(-1)
+        Jf, e = J.astype(cdt), e.astype(cdt)
+        if self.tracker.layout == "diag":  # elementwise, one pass over J (Σ_b by a loop: XLA:CPU
+            # reduces a leading axis slowly); prop[b, l, i, a] = Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
+            g = lax.fori_loop(0, B, lambda b, acc: acc + e[b] * Jf[b], jnp.zeros((L, n), cdt))
+            g = g.reshape(L, U, m).sum(-1) if m > 1 else g
+            if m == 1:
+                prop = phi0[:, None] * Jf
+            else:
+                phi5, J4 = phi0.reshape(B, 1, U, m, m), Jf.reshape(B, L, U, m)
+                prop = sum(phi5[..., c] * J4[..., c, None] for c in range(m)).reshape(Jf.shape)
         else:  # batched matvec and matmul with the batch leading (no transpose of J)
-            Jm = Jf.reshape(B, -1, U * m)
-            g = jnp.matmul(Jm, e.reshape(B, U * m, 1), precision=self.tracker.precision)[..., 0].sum(0)
+            Jm = Jf.reshape(B, L * U, U * m)
+            g = jnp.matmul(Jm, e[:, :, None], precision=self.tracker.precision).reshape(B, -1).sum(0).reshape(L, U)
             prop = jnp.matmul(Jm, phi0, precision=self.tracker.precision).reshape(Jf.shape)
-        prop = jnp.where(_bcast(dead, prop.ndim), 0, prop)  # a reset in the chunk: J_{t0} is gone
-        new = jnp.where(_bcast(zero, prop.ndim), 0, prop + add)  # reset after the last step: J = 0
-        return g.reshape(J.shape[1:-2]), new.reshape(J.shape).astype(J.dtype)
+        prop = jnp.where(dead[:, None, None], 0, prop)  # a reset in the chunk: J_{t0} is gone
+        new = jnp.where(zero[:, None, None], 0, prop + add.reshape(Jf.shape))
+        return g, new.astype(J.dtype)
 
 
 def _pattern_sets(tracker: InfluenceTracker) -> tuple:

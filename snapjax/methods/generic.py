@@ -219,7 +219,7 @@ class CarryCheck:
             want = jax.tree.unflatten(self.treedef, [("B",) + s for s in self.shapes])
             raise ValueError(f"{self.name}: {what} must be shaped like the carry {want}, "
                              f"got {jax.tree.map(jnp.shape, tree)}")
-        return int(batch)
+        return int(batch)  # type: ignore[arg-type]  # not None: the shapes matched
 
     def step_args(self, carry: PyTree, x: Array) -> int:
         batch = self.like(carry, "carry")
@@ -284,7 +284,7 @@ class DenseInfluence(OnlineMethod):
         return GenericInfluence(jnp.zeros((b, self.carry.size, self.p), dtype))
 
     def batch_axes(self) -> GenericInfluence:
-        return GenericInfluence(influence=0)
+        return GenericInfluence(influence=0)  # type: ignore[arg-type]
 
     def num_stored(self) -> int:
         return self.carry.size * self.p

@@ -128,7 +128,7 @@ class TBPTT(OnlineMethod):
         )
 
     def batch_axes(self) -> TBPTTState:
-        return TBPTTState(start=0, xs=1, cot=1, zero_in=1, pending=0, stepped=None, pos=None)
+        return TBPTTState(start=0, xs=1, cot=1, zero_in=1, pending=0, stepped=None, pos=None)  # type: ignore[arg-type]
 
     def num_stored(self) -> int:
         k = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(self.cell.init_carry(1)))
