@@ -26,7 +26,7 @@ method (BPTT, RTRL, SnAp) returns an exactly zero gradient for it (it can also b
 ``optax.masked``/``optax.set_to_zero`` instead).
 
 ``φ`` is purely unit-wise, so every snapjax method (BPTT via :func:`snapjax.bptt_gradient`,
-RTRL/SnAp-n via :func:`snapjax.influence_tracker`) works unchanged.
+RTRL/SnAp-n via :func:`snapjax.online_method`) works unchanged.
 """
 
 from __future__ import annotations

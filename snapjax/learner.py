@@ -12,7 +12,7 @@ method (:mod:`snapjax.methods`); the model's outputs give the per-example loss `
 ``L_t = Σ_b w_b ℓ_b / max(Σ_b w_b, 1)`` with ``w_b`` the loss mask times the target's validity;
 the cotangents flow back within the step (see :mod:`snapjax.model`) and each method turns its
 stage's cotangent into a gradient.  Every ``update_every`` steps the summed gradient goes
-through ``skip_nonfinite(chain(optimizer, masked_updates(masks)))``; the optimizer receives
+through ``chain(optimizer, masked_updates(masks))`` (the optimizer alone without masks); it receives
 ``value=`` the mean loss of the period (so ``optax.contrib.reduce_on_plateau`` works) and any
 extra arguments given to ``step``/``run``.
 
@@ -70,7 +70,7 @@ class OnlineState(NamedTuple):
 
     Attributes:
       params: ``{"layers_i": ...}``.
-      opt_state: of ``skip_nonfinite(chain(optimizer, masked))``
+      opt_state: of ``chain(optimizer, masked_updates)`` (the optimizer alone without masks)
         (:meth:`OnlineLearner.optimizer_state` returns the user optimizer's own state).
       carry: tuple of flax carries, one per recurrent stage (batch axis 0).
       method_state: tuple of method states, one per recurrent stage.
@@ -223,7 +223,7 @@ class OnlineLearner:
                 out.append(spec)
                 continue
             kw = dict(n=self.n, masks=stage_masks(self._stages, self.masks, stage), precision=self.precision,
-                      input_size=sizes[stage.index], window=self.tbptt_window)
+                      input_size=sizes[stage.index], window=self.tbptt_window, batch_axis=self.batch_axis)
             if self.chunk is not None:
                 kw.update(chunk=self.chunk, chunk_policy="require")
             elif self.chunked and (self.update_every or 1) > 1:

@@ -69,7 +69,7 @@ def random_masks(
       include_input: also mask the input kernels (else only the recurrent ones).
       fan_in: if True, every column (one unit's fan-in) keeps exactly
         ``max(1, round(density * n_in))`` weights, so the compressed kernel layout
-        (:func:`snapjax.kernel_layout`) has no padding; else exactly
+        (``snapjax.patterns.kernel_layout``) has no padding; else exactly
         ``max(1, round(density * n_in * units))`` weights are kept anywhere in the matrix.
 
     Returns:

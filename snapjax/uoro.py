@@ -25,6 +25,9 @@ weights (static masks) act as zeros and get exactly zero ``θ̃`` and gradient.
 The random key is carried inside the method state (shared by the batch, batch axis ``None``)
 and split every step, so a whole sequence is a pure function of the initial key; a per-example
 :meth:`~snapjax.OnlineMethod.reset` zeroes ``s̃, θ̃`` of those examples and never rewinds it.
+With ``batch_axis`` (the batch split over that mesh axis inside ``jax.shard_map``, see
+:mod:`snapjax.sharding`) each device draws the signs of the whole batch and keeps its own rows,
+so a sharded run draws exactly the single-device signs.
 
 Example (float32, flax GRU with 4 units)::
 
@@ -47,6 +50,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, typed_key
 from snapjax.methods.generic import (
@@ -91,6 +95,16 @@ def _lead(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda a: a[None], tree)
 
 
+def _signs(key: Array, shape: tuple, dtype: Any, axis_name: str | None) -> Array:
+    """Rademacher signs ``shape`` (batch axis 0); with ``axis_name``, this device's rows of
+    the draw for the whole batch (``D·B_local`` rows), i.e. the single-device signs."""
+    if axis_name is None:
+        return jax.random.rademacher(key, shape, dtype)
+    rows = shape[0]
+    full = jax.random.rademacher(key, (rows * lax.axis_size(axis_name),) + tuple(shape[1:]), dtype)
+    return lax.dynamic_slice_in_dim(full, lax.axis_index(axis_name) * rows, rows, 0)
+
+
 def _per_example(v: Array, x: Array) -> Array:
     return jnp.reshape(v, (-1,) + (1,) * (jnp.ndim(x) - 1))
 
@@ -103,6 +117,7 @@ class UORO(OnlineMethod):
       cell: the cell.  masks: :class:`snapjax.methods.generic.ParamMasks`.
       carry: per-example carry shapes (checks).  param_shapes: ``ShapeDtypeStruct`` tree.
       eps: stabiliser of ρ₀, ρ₁.  precision: matmul precision of the cell step.
+      batch_axis: mesh axis the batch is split over (inside ``jax.shard_map``), or ``None``.
     """
 
     cell: Recurrent
@@ -112,6 +127,7 @@ class UORO(OnlineMethod):
     eps: float = 1e-7
     precision: Any = None
     name: str = "uoro"
+    batch_axis: str | None = None
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> UOROState:
         """Zero ``s̃, θ̃`` for ``batch_size`` examples; ``key`` seeds the random signs
@@ -153,7 +169,7 @@ class UORO(OnlineMethod):
         key, sub = jax.random.split(key)
         leaves, treedef = jax.tree.flatten(new_carry)
         nu = jax.tree.unflatten(treedef, [
-            jax.random.rademacher(k, a.shape, dtype) for k, a in zip(jax.random.split(sub, len(leaves)), leaves)
+            _signs(k, a.shape, dtype, self.batch_axis) for k, a in zip(jax.random.split(sub, len(leaves)), leaves)
         ])
 
         # νᵀ I per example (reverse mode w.r.t. the parameters, one example at a time).
@@ -196,6 +212,7 @@ def uoro_method(
     masks: Any = None,
     eps: float = 1e-7,
     precision: Any = None,
+    batch_axis: str | None = None,
 ) -> UORO:
     """Build :class:`UORO` for ``cell`` with parameters shaped like ``params``.
 
@@ -206,14 +223,18 @@ def uoro_method(
         ``params[name]['kernel']`` or a params-shaped tree (masked weights get zero gradient).
       eps: stabiliser in ρ₀ and ρ₁ (must be > 0).
       precision: matmul precision of the cell step (``"highest"``, ``jax.lax.Precision``...).
+      batch_axis: the mesh axis the batch is split over inside ``jax.shard_map`` (the signs
+        then equal the single-device run's); ``None``: not split.
     Raises:
-      ValueError: ``eps <= 0``, bad masks, parameters or precision.
+      ValueError: ``eps <= 0``, bad masks, parameters, precision or ``batch_axis``.
     """
     rec = as_recurrent(cell)
     check_params(rec.name, params)
     if not (isinstance(eps, (int, float, np.floating)) and eps > 0):
         raise ValueError(f"UORO: eps must be a number > 0, got {eps!r}")
     check_precision(precision)
+    if batch_axis is not None and (not isinstance(batch_axis, str) or not batch_axis):
+        raise ValueError(f"UORO: batch_axis must be a mesh axis name (a non-empty str) or None, got {batch_axis!r}")
     return UORO(
         cell=rec,
         masks=param_masks(params, masks),
@@ -221,4 +242,5 @@ def uoro_method(
         param_shapes=jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), params),
         eps=float(eps),
         precision=precision,
+        batch_axis=batch_axis,
     )

@@ -55,10 +55,10 @@ def learners(case: str):
 
 
 def data():
-    ks = jax.random.split(jax.random.key(1), 3)
-    xs = np.array(jax.random.normal(ks[0], (T, B, N_IN), jnp.float64))
-    ys = np.array(jax.random.randint(ks[1], (T, B), 0, 3))
-    masks = np.array((jax.random.uniform(ks[2], (T, B)) < 0.8).astype(jnp.float64))
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((T, B, N_IN))
+    ys = rng.integers(0, 3, (T, B))
+    masks = (rng.random((T, B)) < 0.8).astype(np.float64)
     xs[2, 5, 0] = np.nan  # example 5 (device 2) becomes non-finite: the guard resets it
     ys[1, 12], masks[1, 12] = 7, 1.0  # an invalid label on device 6: excluded and counted
     return xs, ys, masks

@@ -2,6 +2,8 @@
 BPTT (float64), the influence after every chunk, ragged streams (flush), per-example resets,
 16-bit influence storage, compile-once and input validation."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -16,6 +18,17 @@ from snapjax.scan import bptt_gradient
 
 TOL = 1e-10
 N_IN, B = 3, 3
+# Tests compile many small programs: XLA's backend optimisations buy nothing at these sizes.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_llvm_disable_expensive_passes": True})
+
+
+def _bptt(cell, params, xs, ys, masks=None):
+    return _jit(lambda p: bptt_gradient(cell, p, None, xs, ys, _loss, masks=masks).grads)(params)
+
+
+def _online(method, params, xs, ys, carry=None, state=None):
+    return _jit(lambda p: sj.online_gradient(method, p, carry, xs, ys, _loss, method_state=state))(params)
 
 
 def _loss(y, t):
@@ -51,14 +64,14 @@ def _drive(method, params, xs, ys, schedules=((),), dtype=jnp.float64):
     ``schedules``: reset schedules, each a tuple of ``(t, example, "after" | "between")``: reset
     after step ``t``'s gradient, or between step ``t`` and its gradient (the carry is zeroed
     either way).  Per schedule, returns the summed gradient (a ragged last chunk flushed), the
-    dense influence after every step (``(T, ...)`` per leaf; for a chunked method ``J`` at its
-    last chunk boundary) and the final state.
+    influence after every step in the engine's compressed shapes (``(T, ...)`` per leaf; for a
+    chunked method ``J`` at its last chunk boundary) and the final state.
     """
 
     def zero(carry, where):
         return jax.tree.map(lambda a: jnp.where(where[:, None], 0.0, a), carry)
 
-    @jax.jit
+    @_jit
     def run(xs, ys, between, after):
         def body(c, inp):
             carry, st, total = c
@@ -70,7 +83,8 @@ def _drive(method, params, xs, ys, schedules=((),), dtype=jnp.float64):
             g, st = method.gradient(params, st, dcarry)
             if schedules != ((),):
                 st, carry = method.reset(st, ra), zero(carry, ra)
-            return (carry, st, jax.tree.map(jnp.add, total, g)), st.influence
+            J = method.influence(st) if hasattr(method, "with_influence") else st.influence  # engine shapes
+            return (carry, st, jax.tree.map(jnp.add, total, g)), J
 
         init = (method.init_carry(B, jnp.float64), method.init(B, dtype), jax.tree.map(jnp.zeros_like, params))
         (_, st, total), Js = jax.lax.scan(body, init, (xs, ys, between, after))
@@ -101,7 +115,7 @@ def _bptt_with_resets(cell, params, xs, ys, resets):
 
         return jax.lax.scan(body, rec.init_carry(B, jnp.float64), (xs, ys, between, after))[1].sum()
 
-    return jax.grad(total)(params)
+    return _jit(jax.grad(total))(params)
 
 
 # (cell, masked, K for RTRL, K for SnAp-1), T = 7: every cell, both methods and both storage
@@ -120,7 +134,7 @@ def test_chunked_equals_per_step_and_bptt(x64, kind, masked, k_rtrl, k_snap):
     T, units = 7, 4
     cell, params, masks = _setup(kind, units, density=0.5 if masked else None)
     xs, ys = _data(T, units)
-    ref = bptt_gradient(cell, params, None, xs, ys, _loss, masks=masks).grads
+    ref = _bptt(cell, params, xs, ys, masks)
     for name, n, K in (("rtrl", None, k_rtrl), ("snap1", 1, k_snap)):
         g_ref, J_ref, _ = _drive(sj.online_method(name, cell, params, masks=masks), params, xs, ys)[0]
         if name == "rtrl":
@@ -138,12 +152,12 @@ def test_egru_and_online_method_entry(x64):
     T, units = 6, 4
     cell, params, _ = _setup("egru", units, seed=2)
     xs, ys = _data(T, units, seed=3)
-    refs = {"rtrl": bptt_gradient(cell, params, None, xs, ys, _loss).grads,
+    refs = {"rtrl": _bptt(cell, params, xs, ys),
             "snap1": _drive(sj.online_method("snap1", cell, params), params, xs, ys)[0][0]}
     for name in ("rtrl", "snap1"):
         ch = sj.online_method(name, cell, params, chunk=4)
         assert isinstance(ch, ChunkedInfluence) and ch.period == 4
-        out = sj.online_gradient(ch, params, None, xs, ys, _loss)
+        out = _online(ch, params, xs, ys)
         assert tree_rel_err(out.grads, refs[name]) < TOL
         assert float(jnp.abs(out.grads["threshold"]).sum()) > 0
 
@@ -167,8 +181,7 @@ def test_reset_mid_chunk_is_exact(x64, kind):
     xs, ys = _data(T, units, seed=5)
     schedules = (tuple(r for r in RESETS if r[2] == "after"), RESETS)
     refs = [_bptt_with_resets(cell, params, xs, ys, r) for r in schedules]
-    plain = bptt_gradient(cell, params, None, xs, ys, _loss).grads
-    assert tree_rel_err(refs[1], plain) > 1e-3  # the resets matter
+    assert tree_rel_err(refs[1], refs[0]) > 1e-3  # the resets between a step and its gradient matter
     for name, n in (("rtrl", None), ("snap1", 1)):
         per_step = sj.online_method(name, cell, params)
         ch = chunked_method(cell, params, n=n, chunk=K)
@@ -179,7 +192,24 @@ def test_reset_mid_chunk_is_exact(x64, kind):
                 assert tree_rel_err(g, ref) < TOL
             for t in range(K - 1, T, K):
                 assert tree_rel_err(_at(Js, t), _at(J_ref, t)) < TOL, (name, t)
-            assert tree_rel_err(st.influence, st_ref.influence) < TOL  # after the flush
+            assert tree_rel_err(ch.influence(st), st_ref.influence) < TOL  # after the flush
+
+
+def test_hand_over_influence_between_per_step_and_chunked(x64):
+    """A stream run per step for 3 steps and then chunk-wise (``with_influence``) gives the
+    per-step method's gradient and influence: the two share the influence layout."""
+    cell, params, _ = _setup("lstm", 3, seed=6)
+    xs, ys = _data(7, 3, seed=7)
+    per_step = sj.online_method("snap1", cell, params)
+    full = _online(per_step, params, xs, ys)
+    head = _online(per_step, params, xs[:3], ys[:3])
+    ch = chunked_method(cell, params, n=1, chunk=2)
+    st = ch.with_influence(ch.init(B, jnp.float64), head.final_method_state.influence)
+    tail = _online(ch, params, xs[3:], ys[3:], head.final_carry, st)
+    assert tree_rel_err(jax.tree.map(jnp.add, head.grads, tail.grads), full.grads) < TOL
+    assert tree_rel_err(ch.influence(tail.final_method_state), full.final_method_state.influence) < TOL
+    with pytest.raises(ValueError, match="influence does not match"):
+        ch.with_influence(st, per_step.init(B + 1, jnp.float64).influence)
 
 
 def test_compiles_once_over_chunks(x64):
@@ -216,9 +246,9 @@ def test_bfloat16_influence_storage(name, n):
     xs = jax.random.normal(jax.random.key(1), (12, B, N_IN))
     ys = jax.random.normal(jax.random.key(2), (12, B, 8))
     per_step = sj.online_method(name, cell, params)
-    ref = sj.online_gradient(per_step, params, None, xs, ys, _loss).grads
+    ref = _online(per_step, params, xs, ys).grads
     for method in (per_step, chunked_method(cell, params, n=n, chunk=4)):
-        bf = sj.online_gradient(method, params, None, xs, ys, _loss, method_state=method.init(B, jnp.bfloat16))
+        bf = _online(method, params, xs, ys, state=method.init(B, jnp.bfloat16))
         assert {a.dtype for a in jax.tree.leaves(bf.final_method_state.influence)} == {jnp.dtype(jnp.bfloat16)}
         assert {a.dtype for a in jax.tree.leaves(bf.grads)} == {jnp.dtype(jnp.float32)}
         err = tree_rel_err(bf.grads, ref)

@@ -98,6 +98,7 @@ def online_method(
     eps: float = 1e-7,
     input_size: int | None = None,
     verify: bool = True,
+    batch_axis: str | None = None,
 ) -> OnlineMethod:
     """Build the online method ``name`` for ``cell`` with parameters shaped like ``params``.
 
@@ -121,6 +122,8 @@ def online_method(
       eps: UORO's stabiliser.
       input_size: ``n_in`` for truncated BPTT on a generic cell (read from ``params`` otherwise).
       verify: check a user :class:`snapjax.CellSpec` against ``jax.jvp`` of its step before use.
+      batch_axis: the mesh axis the batch is split over inside ``jax.shard_map`` (the
+        learner's ``batch_axis``); only UORO's random signs depend on it.
 
     Raises:
       ValueError: unknown method, option that does not apply, unsupported cell, a user cell
@@ -143,7 +146,7 @@ def online_method(
     if kind == "uoro":
         from snapjax.uoro import uoro_method
 
-        return uoro_method(rec, params, masks=masks, eps=eps, precision=precision)
+        return uoro_method(rec, params, masks=masks, eps=eps, precision=precision, batch_axis=batch_axis)
     if rec.spec is None:
         if kind == "activity" or (chunk is not None and chunk_policy == "require"):
             raise ValueError(f"{rec.name}: {name!r} needs a cell with a compressed form (CellSpec)")

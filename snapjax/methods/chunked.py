@@ -79,7 +79,9 @@ class ChunkedState(NamedTuple):
     per unit, ``P`` projections, ``Q`` unit parameters).  Buffers are batch-major (axis 0).
 
     Attributes:
-      influence: ``J`` at the last chunk boundary, in the engine's layout (batch axis 0).
+      influence: ``J`` at the last chunk boundary: the engine's compressed layout with each
+        leaf's axes merged to ``(B, L, U·W·m)`` (same values in the same memory order;
+        :meth:`ChunkedInfluence.influence` gives the engine's shapes).  Batch axis 0.
       xs: inputs ``(B, K, n_in)``.  hs: read-outs ``h_{τ-1}`` ``(B, K, U)``.
       dpre, dunit: ``∂φ/∂a`` ``(B, K, P, U·m)`` and ``∂φ/∂θᵘ`` ``(B, K, Q, U·m)`` of each step.
       dstate: ``∂φ/∂s`` (within a unit) ``(B, K, U·m·m)``.  cot: ``c_τ`` ``(B, K, U·m)``.
@@ -120,17 +122,15 @@ def _flat(J: Array) -> Array:
 
 
 def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
-    """``fn(state with (B, L, U·W·m) influence views)`` if ``pred`` else ``default``, as
-    ``(grads, influence)``.  A ``lax.while_loop`` of zero or one trip rather than ``lax.cond``:
-    XLA updates a while loop's carry in place, whereas a ``cond`` whose other branch passes
-    the influence through costs a copy of it at every step (it dominated the step time)."""
-    shapes = jax.tree.map(jnp.shape, state.influence)
+    """``fn(state)`` if ``pred`` else ``default``, as ``(grads, influence)``.  A
+    ``lax.while_loop`` of zero or one trip rather than ``lax.cond``: XLA updates a while loop's
+    carry in place, whereas a ``cond`` whose other branch passes the influence through costs a
+    copy of it at every step (it dominated the step time)."""
 
     def body(carry):
         return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=carry[2])))
 
-    grads, J = lax.while_loop(lambda c: c[0], body, (pred, default[0], jax.tree.map(_flat, default[1])))[1:]
-    return grads, jax.tree.map(lambda a, s: a.reshape(s), J, shapes, is_leaf=lambda x: isinstance(x, jax.Array))
+    return lax.while_loop(lambda c: c[0], body, (pred,) + tuple(default))[1:]
 
 
 def _sum_axis1(x: Array) -> Array:
@@ -169,7 +169,7 @@ class ChunkedInfluence(OnlineMethod):
         the buffers' dtype) and empty buffers in ``promote_types(dtype, param dtype)``."""
         del key
         b = check_batch_size(batch_size)
-        J = self.tracker.init(b, dtype)
+        J = jax.tree.map(_flat, self.tracker.init(b, dtype))
         bdt = jnp.promote_types(dtype, self.param_dtype)
         spec, K = self.tracker.spec, self.chunk
         U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
@@ -188,9 +188,21 @@ class ChunkedInfluence(OnlineMethod):
         U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
         return self.tracker.num_stored() + self.chunk * (self.tracker.n_in + U + U * m * (P + Q + m + 1))
 
+    def influence(self, state: ChunkedState) -> PyTree:
+        """``J`` at the last chunk boundary in the per-step engine's shapes (a free reshape):
+        equal to the per-step method's ``state.influence`` at the same step."""
+        shapes = self.tracker.leaf_shapes(int(jnp.shape(state.pending)[0]))
+        return jax.tree.map(lambda a, s: a.reshape(s), state.influence, shapes)
+
+    def with_influence(self, state: ChunkedState, influence: PyTree) -> ChunkedState:
+        """``state`` at a chunk boundary (``pos == 0``) with ``J`` taken from the per-step
+        method's ``influence`` (engine shapes), e.g. to switch a stream to chunked updates."""
+        self.tracker._check_influence(influence, int(jnp.shape(state.pending)[0]))
+        return state._replace(influence=jax.tree.map(_flat, influence))
+
     def to_dense(self, state: ChunkedState) -> PyTree:
         """``J`` at the last chunk boundary expanded to ``(B, *param_shape, units, m)``."""
-        return self.tracker.to_dense(state.influence)
+        return self.tracker.to_dense(self.influence(state))
 
     def _check_batch(self, state: ChunkedState, what: str, got: tuple) -> int:
         spec = self.tracker.spec
@@ -400,29 +412,34 @@ class ChunkedInfluence(OnlineMethod):
         return deltas, e, phis, phi0, dead
 
     def _advance(self, J: Array, e: Array, phi0: Array, dead: Array, zero: Array, add: Array):
-        """One influence leaf ``J (B, L, U·W·m)``, read once per chunk: returns the gradient term
-        ``Σ_b e_b J_{t0,b}`` (``(L, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U·m)``) and ``Φ_{t0} J +
-        add`` (``add = Σ_τ Φ_τ I_τ``) rounded to ``J``'s dtype.  ``dead``: ``Φ_{t0} = 0`` (a reset
-        in the chunk); ``zero``: the new ``J`` is 0 (a reset after the chunk's last step)."""
+        """One influence leaf ``J (B, L, U·W·m)``: returns the gradient term ``Σ_b e_b J_{t0,b}``
+        (``(L, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U·m)``) and ``Φ_{t0} J + add`` (``add =
+        Σ_τ Φ_τ I_τ``) in ``J``'s storage dtype.  ``dead``: ``Φ_{t0} = 0`` (a reset in the
+        chunk); ``zero``: the new ``J`` is 0 (a reset after the chunk's last step).  The sum
+        over ``b`` is a loop (XLA:CPU reduces leading axes slowly) and is ordered before the
+        update by an optimisation barrier, so the update can overwrite ``J`` in place."""
         B, L, n = J.shape
         U, m = self.tracker.spec.units, self.tracker.spec.state_dim
-        cdt = jnp.promote_types(J.dtype, add.dtype)
-        Jf, e = J.astype(cdt), e.astype(cdt)
-        if self.tracker.layout == "diag":  # elementwise, one pass over J (Σ_b by a loop: XLA:CPU
-            # reduces a leading axis slowly); prop[b, l, i, a] = Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
-            g = lax.fori_loop(0, B, lambda b, acc: acc + e[b] * Jf[b], jnp.zeros((L, n), cdt))
+        cdt, prec = jnp.promote_types(J.dtype, add.dtype), self.tracker.precision
+        e = e.astype(cdt)
+        if self.tracker.layout == "dense":
+            Jm = J.reshape(B, L * U, U * m).astype(cdt)
+            g = jnp.matmul(Jm, e[:, :, None], precision=prec).reshape(B, L * U)
+            g = lax.fori_loop(0, B, lambda b, acc: acc + g[b], jnp.zeros((L * U,), cdt)).reshape(L, U)
+            g, Jm = lax.optimization_barrier((g, Jm))
+            prop = jnp.matmul(Jm, phi0, precision=prec).reshape(B, L, n)  # J Φ_{t0}ᵀ = J Ψ_{t0}
+        else:
+            g = lax.fori_loop(0, B, lambda b, acc: acc + e[b] * J[b].astype(cdt), jnp.zeros((L, n), cdt))
             g = g.reshape(L, U, m).sum(-1) if m > 1 else g
+            g, J = lax.optimization_barrier((g, J))
+            Jf = J.astype(cdt)
             if m == 1:
                 prop = phi0[:, None] * Jf
-            else:
+            else:  # prop[b, l, i, a] = Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
                 phi5, J4 = phi0.reshape(B, 1, U, m, m), Jf.reshape(B, L, U, m)
-                prop = sum(phi5[..., c] * J4[..., c, None] for c in range(m)).reshape(Jf.shape)
-        else:  # batched matvec and matmul with the batch leading (no transpose of J)
-            Jm = Jf.reshape(B, L * U, U * m)
-            g = jnp.matmul(Jm, e[:, :, None], precision=self.tracker.precision).reshape(B, -1).sum(0).reshape(L, U)
-            prop = jnp.matmul(Jm, phi0, precision=self.tracker.precision).reshape(Jf.shape)
+                prop = sum(phi5[..., c] * J4[..., c, None] for c in range(m)).reshape(B, L, n)
         prop = jnp.where(dead[:, None, None], 0, prop)  # a reset in the chunk: J_{t0} is gone
-        new = jnp.where(zero[:, None, None], 0, prop + add.reshape(Jf.shape))
+        new = jnp.where(zero[:, None, None], 0, prop + add)  # a reset after the chunk's last step
         return g, new.astype(J.dtype)
 
 
