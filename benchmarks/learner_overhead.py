@@ -66,7 +66,8 @@ def measure(method_name, units, batch, T, repeats, n_in=8, classes=4, max_floats
     method = sj.online_method(method_name, cell, params["cell"])
     if max_floats:  # the same work budget for every method: fewer steps where the state is big
         T = int(max(16, min(T, max_floats // (batch * max(method.num_stored() or 1, 1)))))
-    loop_state = (params, opt.init(params), method.init_carry(batch), method.init(batch, key=jax.random.key(1)))
+    # the same initial method state as the learner (UORO: the same sign key), so the losses agree
+    loop_state = (params, opt.init(params), method.init_carry(batch), state.method_state[0])
     kx, ky = jax.random.split(jax.random.key(2))
     xs = jax.random.normal(kx, (T, batch, n_in))
     ys = jax.random.randint(ky, (T, batch), 0, classes)

@@ -213,7 +213,8 @@ def test_hand_over_influence_between_per_step_and_chunked(x64):
 
 
 def test_compiles_once_over_chunks(x64):
-    """One trace of step+gradient serves every position in every chunk; flush traces once."""
+    """One trace of step+gradient serves every position in every chunk (the chunk's end is a
+    traced position, not a retrace); gradients arrive at chunk ends; flush closes the rest."""
     cell, params, _ = _setup("gru", 4)
     ch = chunked_method(cell, params, n=None, chunk=3)
     xs, ys = _data(7, 4)
@@ -261,7 +262,6 @@ def test_state_layout_and_validation():
     ch = sj.online_method("snap1", cell, params, chunk=5)
     st = ch.init(2)
     assert isinstance(st, ChunkedState) and ch.name == "snap1-chunk5"
-    # every batch axis declared in batch_axes() has the batch size
     for ax, sub in zip(ch.batch_axes(), st):  # every declared batch axis has the batch size
         if ax is None:
             assert all(jnp.ndim(a) == 0 for a in jax.tree.leaves(sub))
