@@ -280,7 +280,7 @@ class OnlineLearner:
             else:
                 first = model.recurrent_flags.index(True)
                 given = {f"layers_{first}": params}
-        fresh = model.init(k_init, input_size)
+        fresh = model.init(k_init, input_size, given=jax.tree.map(jnp.asarray, given))
         unknown = set(given) - set(model.names)
         if unknown:
             raise ValueError(f"params for unknown layers {sorted(unknown)}; the model has {list(model.names)}")

@@ -92,6 +92,15 @@ def _from_nnx_layer(m: Any) -> Any:
     return m
 
 
+def _check_given(name: str, given: PyTree, expected: PyTree) -> None:
+    """``ValueError`` unless ``given`` has the structure and leaf shapes of ``expected``."""
+    if jax.tree.structure(given) != jax.tree.structure(expected):
+        raise ValueError(f"params[{name!r}] do not have the layer's structure {jax.tree.structure(expected)}")
+    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(expected)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(f"params[{name!r}] has a leaf of shape {jnp.shape(a)}, the layer expects {jnp.shape(b)}")
+
+
 def _ff_apply(module: nn.Module) -> Callable[[PyTree, Array], Array]:
     def apply(params, h):
         return module.apply({"params": params}, h) if params is not None else module.apply({}, h)
@@ -227,15 +236,25 @@ class OnlineModel:
             stages.append(Stage((names[j],), False, self.layers[j], j))
         return stages
 
-    def init(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> dict:
-        """Initial parameters ``{"layers_i": ...}`` for inputs of size ``input_size``."""
-        params, size = {}, int(input_size)
+    def init(self, key: Array, input_size: int, dtype: Any = jnp.float32, given: dict | None = None) -> dict:
+        """Initial parameters ``{"layers_i": ...}`` for inputs of size ``input_size``; layers in
+        ``given`` keep the given parameters (a bare ``CellSpec`` layer must be given them)."""
+        params, size, given = {}, int(input_size), given or {}
         for name, m, r, k in zip(self.names, self.layers, self._flags, jax.random.split(key, len(self.layers))):
             h = jnp.zeros((1, size), dtype)
             if r:
                 rec = as_recurrent(m)
-                p = m.params if isinstance(m, NNXLayer) else rec.init_params(k, size, dtype)
+                if name in given:
+                    p = given[name]
+                    if isinstance(m, nn.Module):
+                        _check_given(name, p, jax.eval_shape(lambda kk: rec.init_params(kk, size, dtype), k))
+                else:
+                    p = m.params if isinstance(m, NNXLayer) else rec.init_params(k, size, dtype)
                 size = int(jnp.shape(rec.output(rec.apply(p, rec.init_carry(1, dtype), h)))[-1])
+            elif name in given:
+                p = given[name]
+                _check_given(name, p, jax.eval_shape(lambda kk: m.init(kk, h).get("params"), k))
+                size = int(jax.eval_shape(lambda pp, hh: m.apply({"params": pp}, hh), p, h).shape[-1])
             else:
                 variables = m.init(k, h)
                 p = variables.get("params")

@@ -54,8 +54,8 @@ def test_rtrl_equals_bptt_low_level_and_learner(x64, name):
     # through the learner: cell + Dense head, mse, parameters frozen over the window
     grab = optax.GradientTransformation(lambda p: p, lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
     learner = sj.OnlineLearner(cell, readout_size=2, method="rtrl", loss="mse", optimizer=grab, update_every=T)
-    state = learner.init(jax.random.key(3), {"layers_0": params}, batch_size=B, input_size=N_IN)
-    state = state._replace(params=f64(state.params))
+    p_head = f64(nn.Dense(2).init(jax.random.key(3), jnp.zeros((1, H)))["params"])
+    state = learner.init(jax.random.key(3), {"layers_0": params, "layers_1": p_head}, batch_size=B, input_size=N_IN)
     ys = jax.random.normal(jax.random.key(4), (T, B, 2), jnp.float64)
     state, _, _ = jax.jit(learner.run)(state, xs, ys)
     got = learner.optimizer_state(state)

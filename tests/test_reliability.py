@@ -191,3 +191,15 @@ def test_fault_injection_long_run_resumes_bit_identically(tmp_path):
     assert int(full.excluded) == int((bad_y & ~input_faults).sum())
     assert int(full.skipped) == 0
     assert int(full.step) == T
+
+
+def test_given_parameters_are_checked_against_the_layer():
+    learner = gru_learner()
+    p = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 2)))["params"]
+    with pytest.raises(ValueError, match="structure"):
+        learner.init(jax.random.key(0), {"layers_0": {k: v for k, v in p.items() if k != "hr"}}, batch_size=2, input_size=2)
+    bad = {**p, "ir": {**p["ir"], "kernel": jnp.zeros((3, 4))}}
+    with pytest.raises(ValueError, match=r"leaf of shape \(3, 4\)"):
+        learner.init(jax.random.key(0), {"layers_0": bad}, batch_size=2, input_size=2)
+    with pytest.raises(ValueError, match="unknown layers"):
+        learner.init(jax.random.key(0), {"layers_7": p}, batch_size=2, input_size=2)
