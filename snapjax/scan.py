@@ -29,6 +29,7 @@ from jax import lax
 
 from snapjax.methods import OnlineMethod
 from snapjax.recurrent import as_recurrent
+from snapjax.sparsity import apply_masks
 
 Array = jax.Array
 PyTree = Any
@@ -116,19 +117,10 @@ def bptt_gradient(
     batch = _batch(xs)
     carry = rec.init_carry(batch, jnp.result_type(xs)) if carry is None else carry
 
-    def masked(p):
-        if not masks:
-            return p
-        p = dict(p)
-        for name, m in masks.items():
-            if m is not None:
-                p[name] = {**p[name], "kernel": p[name]["kernel"] * jnp.asarray(np.asarray(m), p[name]["kernel"].dtype)}
-        return p
-
     def total_loss(p):
         def body(c, inp):
             x, y = inp
-            c = rec.apply(masked(p), c, x)
+            c = rec.apply(apply_masks(p, masks), c, x)
             return c, (loss_fn(rec.output(c), y), rec.output(c))
 
         c, (losses, outs) = lax.scan(body, carry, (xs, ys))

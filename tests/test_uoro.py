@@ -11,15 +11,11 @@ from jax import lax
 
 import snapjax as sj
 from snapjax.uoro import UORO, UOROState, uoro_method
-from test_generic import LNGRU
+from test_generic import LNGRU, _bptt, _loss  # shared references
 
 UNITS, N_IN, BATCH, T = 4, 3, 1, 5
 N_RUNS = 3000
 Z_MAX = 5.0
-
-
-def _loss(h, y):
-    return jnp.sum(jnp.sin(h) * y) + 0.5 * jnp.sum(h**2)
 
 
 def _setup(masks_density=None, module=None):
@@ -60,21 +56,6 @@ def _online(method, params, carry, xs, ys, state):
 
 def state_dtype(state):
     return jax.tree.leaves(state.theta_tilde)[0].dtype
-
-
-def _bptt(rec, params, carry, xs, ys, masks=None):
-    """Reference: jax.grad of the summed loss through lax.scan, masked weights zeroed."""
-
-    def total(p):
-        p = sj.apply_masks(p, masks)
-
-        def body(c, inp):
-            c = rec.apply(p, c, inp[0])
-            return c, _loss(rec.output(c), inp[1])
-
-        return jnp.sum(lax.scan(body, carry, (xs, ys))[1])
-
-    return jax.grad(total)(params)
 
 
 def _uoro_samples(module, params, carry, xs, ys, masks, n_runs, seed):

@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from jax import lax
 
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
 from snapjax.recurrent import Recurrent
+from snapjax.sparsity import apply_masks
 
 Array = jax.Array
 PyTree = Any
@@ -68,19 +69,6 @@ class TBPTTState(NamedTuple):
     pending: Array
     stepped: Array
     pos: Array
-
-
-def _apply_masks(params: PyTree, masks: Mapping[str, Any] | None) -> PyTree:
-    if not masks:
-        return params
-    out = dict(params)
-    for name, m in masks.items():
-        if m is None:
-            continue
-        leaf = dict(out[name])
-        leaf["kernel"] = leaf["kernel"] * jnp.asarray(np.asarray(m), leaf["kernel"].dtype)
-        out[name] = leaf
-    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -143,7 +131,7 @@ class TBPTT(OnlineMethod):
         start = jax.tree.map(lambda c, s: jnp.where(first, c.astype(s.dtype), s), carry, state.start)
         xs = lax.dynamic_update_index_in_dim(state.xs, x.astype(state.xs.dtype), pos, 0)
         zero_in = lax.dynamic_update_index_in_dim(state.zero_in, state.pending & ~first, pos, 0)
-        new_carry = self.cell.apply(_apply_masks(params, self.masks), carry, x)
+        new_carry = self.cell.apply(apply_masks(params, self.masks), carry, x)
         return StepResult(
             new_carry,
             state._replace(start=start, xs=xs, zero_in=zero_in, pending=jnp.zeros_like(state.pending),
@@ -155,7 +143,7 @@ class TBPTT(OnlineMethod):
         cell, masks = self.cell, self.masks
 
         def replay(p):
-            pm = _apply_masks(p, masks)
+            pm = apply_masks(p, masks)
 
             def body(s, inp):
                 x, z = inp
