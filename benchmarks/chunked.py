@@ -230,9 +230,10 @@ def plot(rows, path):
                    and r["units"] in ks and r["storage"] == "float32"]
             if pts:
                 ax.plot(*zip(*sorted(pts)), style, label=LABEL[name])
-        for K in sorted({r["K"] for r in rows if r["method"] == f"{kind}_chunked"}, key=lambda x: (isinstance(x, str), x)):
+        chunk_key = lambda r: "k" if kind == "rtrl" and r["K"] == r["units"] else r["K"]  # noqa: E731
+        for K in sorted({chunk_key(r) for r in rows if r["method"] == f"{kind}_chunked"}, key=lambda x: (isinstance(x, str), x)):
             pts = [(r["units"], r["us_per_example_step"]) for r in rows if r["method"] == f"{kind}_chunked"
-                   and r["K"] == K and r.get("status") == "ok" and r["storage"] == "float32"]
+                   and chunk_key(r) == K and r.get("status") == "ok" and r["storage"] == "float32"]
             if pts:
                 ax.plot(*zip(*sorted(pts)), "o-", label=f"chunked K={K}")
         ax.set_xscale("log", base=2)

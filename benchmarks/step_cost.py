@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,18 +76,31 @@ def signature(method):
     return (type(method).__name__, method.num_stored(), count() if callable(count) else None)
 
 
+CELLS = {
+    # name: (cell built from k, whether random masks apply)
+    "gru": (lambda k: sj.GRUCell(k), True),
+    "lru": (lambda k: sj.LRUCell(k), False),                                   # diagonal recurrence
+    "gru-generic": (lambda k: sj.as_recurrent(flax.linen.GRUCell(k), generic=True), False),  # dense path
+}
+CELL = "gru"
+
+
 def _setup(k, density, rng_seed=0):
-    cell = sj.GRUCell(k)
-    params = cell.init(jax.random.key(0), jnp.zeros((1, k)), jnp.zeros((1, N_IN)))["params"]
-    masks = None if density >= 1.0 else random_masks(rng_seed, params, density, spec=cell)
+    make, maskable = CELLS[CELL]
+    cell = make(k)
+    rec = sj.as_recurrent(cell)
+    params = rec.init_params(jax.random.key(0), N_IN)
+    masks = None if density >= 1.0 or not maskable else random_masks(rng_seed, params, density, spec=cell)
     return cell, params, masks
 
 
 def _data(T, B, k):
     keys = jax.random.split(jax.random.key(1), 3)
+    rec = sj.as_recurrent(CELLS[CELL][0](k))
+    out = int(rec.output(rec.init_carry(1)).shape[-1])
     xs = jax.random.normal(keys[0], (T, B, N_IN), jnp.float32)
-    ys = 0.5 * jax.random.normal(keys[1], (T, B, k), jnp.float32)
-    return xs, ys, jnp.zeros((B, k), jnp.float32), keys[2]
+    ys = 0.5 * jax.random.normal(keys[1], (T, B, out), jnp.float32)
+    return xs, ys, rec.init_carry(B, jnp.float32), keys[2]
 
 
 def _fit_batch(mem_ex, args):
@@ -218,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--densities", type=float, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cell", choices=sorted(CELLS), default="gru",
+                    help="gru (compressed), lru (diagonal recurrence), gru-generic (the dense-Jacobian path)")
     ap.add_argument("--T", type=int, default=None, help="sequence length (default 32, quick 16)")
     ap.add_argument("--min-T", dest="min_T", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
@@ -229,6 +245,8 @@ def main(argv=None):
                     help="JSON path (default benchmarks/out/step_cost_cpu.json, untracked; published: benchmarks/results)")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     args = ap.parse_args(argv)
+    global CELL
+    CELL = args.cell
     if args.ks is None:
         args.ks = [64, 128, 256] if args.quick else [64, 128, 256, 512]
     if args.densities is None:
@@ -244,7 +262,7 @@ def main(argv=None):
 
     info = machine_info()
     print(f"# {info['platform']} | jax {info['jax_version']} ({info['backend']}) | cpus {info['cpu_count']}")
-    print(f"# GRU input {N_IN}, B={args.batch} (reduced where marked), budget {args.mem_budget_gb} GB, repeats {args.repeats}")
+    print(f"# cell {CELL}, input {N_IN}, B={args.batch} (reduced where marked), budget {args.mem_budget_gb} GB, repeats {args.repeats}")
     t_start = time.time()
     rows = []
     for k in args.ks:

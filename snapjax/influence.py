@@ -291,7 +291,15 @@ class InfluenceTracker:
             dii = jac.dphi_state.at[..., r].add(rec)  # (B, U, m, m)
 
             def propagate(J, ic):
-                Jn = (dii[:, None, :, None, :, :] * J[..., None, :]).sum(-1)
+                m_ = J.shape[-1]
+                if m_ == 1:
+                    Jn = dii[:, None, :, None, :, 0] * J
+                else:  # unrolled m×m block product: a broadcast-and-reduce over the size-m minor
+                    # axis measured ~10x slower on CPU (LSTM / LRU SnAp-1)
+                    d = dii.astype(J.dtype)
+                    Jn = jnp.stack(
+                        [sum(d[:, None, :, None, a, c] * J[..., c] for c in range(m_)) for a in range(m_)], axis=-1
+                    )
                 return Jn + ic[:, :, :, None, :]
 
             return propagate
