@@ -73,7 +73,11 @@ def signature(method):
     """What decides a method's computation: its class, stored floats and (if it has one) its
     pattern size.  Two methods with the same signature do the same work."""
     count = getattr(method, "pattern_count", None)
-    return (type(method).__name__, method.num_stored(), count() if callable(count) else None)
+    try:
+        size = count() if callable(count) else None
+    except TypeError:  # the generic dense path needs the input size: its pattern is built lazily
+        size = None
+    return (type(method).__name__, method.num_stored(), size)
 
 
 CELLS = {
