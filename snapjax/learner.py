@@ -43,7 +43,7 @@ import optax
 from jax import lax
 
 from snapjax.losses import Loss, get_loss
-from snapjax.methods import OnlineMethod, check_options, online_method
+from snapjax.methods import OnlineMethod, check_options, online_method, uses_window
 from snapjax.methods.base import check_batch_size, finite_examples, finite_examples_of_methods, select_examples, typed_key
 from snapjax.model import (
     OnlineModel,
@@ -188,7 +188,9 @@ class OnlineLearner:
         object.__setattr__(self, "_cache", {})
         for m in methods:  # validate names and options now, not at the first step
             if isinstance(m, str):
-                check_options(m, self.n, self.tbptt_window)
+                check_options(m, self.n, self.tbptt_window, strict=False)
+        if self.tbptt_window is not None and not any(isinstance(m, str) and uses_window(m) for m in methods):
+            raise ValueError("tbptt_window is only used with method='tbptt' (in at least one stage)")
 
     @staticmethod
     def _check_positive(name, value, allow_none=False):
@@ -223,7 +225,8 @@ class OnlineLearner:
                 out.append(spec)
                 continue
             kw = dict(n=self.n, masks=stage_masks(self._stages, self.masks, stage), precision=self.precision,
-                      input_size=sizes[stage.index], window=self.tbptt_window, batch_axis=self.batch_axis)
+                      input_size=sizes[stage.index], window=self.tbptt_window, batch_axis=self.batch_axis,
+                      strict_options=False)
             if self.chunk is not None:
                 kw.update(chunk=self.chunk, chunk_policy="require")
             elif self.chunked and (self.update_every or 1) > 1:

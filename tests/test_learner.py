@@ -283,3 +283,16 @@ def test_chunked_learner_equals_per_step_learner(x64, cell, method):
     assert int(metrics["updated"].sum()) == 2  # steps 6 and 9 of the second call
     assert tree_rel_err(finals[0], finals[1]) < 1e-10
     assert tree_rel_err(finals[0], params) > 1e-3  # the updates did something
+
+
+def test_a_stack_can_mix_truncated_bptt_with_other_methods():
+    learner = sj.OnlineLearner([nn.GRUCell(4), nn.GRUCell(4), nn.Dense(2)], method=["snap1", "tbptt"],
+                               tbptt_window=3, optimizer=optax.adam(1e-2))
+    state = learner.init(jax.random.key(0), batch_size=2, input_size=1)
+    assert [m.name for m in learner.methods(state.params)] == ["snap1", "tbptt3"]
+    assert learner.period(state.params) == 3
+    xs, ys = delayed_bit_task(jax.random.key(1), 6, 2, delay=1)
+    state, _, metrics = jax.jit(learner.run)(state, xs, ys)
+    assert int(metrics["updated"].sum()) == 2
+    with pytest.raises(ValueError, match="tbptt_window is only used"):
+        sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method="snap1", tbptt_window=3)

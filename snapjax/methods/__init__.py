@@ -35,7 +35,7 @@ from snapjax.recurrent import Recurrent, as_recurrent
 
 PyTree = Any
 
-__all__ = ["OnlineMethod", "StepResult", "online_method", "parse_method_name", "check_options", "select_examples"]
+__all__ = ["OnlineMethod", "StepResult", "online_method", "parse_method_name", "check_options", "uses_window", "select_examples"]
 
 
 def parse_method_name(name: str, n: int | None = None) -> tuple[str, int | None]:
@@ -62,17 +62,27 @@ def parse_method_name(name: str, n: int | None = None) -> tuple[str, int | None]
         ) from None
 
 
-def check_options(name: str, n: int | None = None, window: int | None = None) -> tuple[str, int | None]:
+def uses_window(name: str) -> bool:
+    """Whether the method ``name`` takes a ``window`` (truncated BPTT)."""
+    return parse_method_name(name)[0] == "tbptt"
+
+
+def check_options(
+    name: str, n: int | None = None, window: int | None = None, *, strict: bool = True
+) -> tuple[str, int | None]:
     """Validate a method name with its options (no cell needed); returns ``(kind, n)``.
+
+    ``strict=False`` lets a ``window`` pass for methods that take none (it is then ignored; a
+    model mixing truncated BPTT with other methods shares one ``window`` option).
 
     Raises:
       ValueError: unknown name, ``n`` that does not fit, ``window`` missing for ``"tbptt"`` or
-        given for another method.
+        (``strict``) given for another method.
     """
     kind, n = parse_method_name(name, n)
     if kind == "tbptt" and window is None:
         raise ValueError("method 'tbptt' needs window=W, W >= 1 (OnlineLearner: tbptt_window=W)")
-    if kind != "tbptt" and window is not None:
+    if kind != "tbptt" and window is not None and strict:
         raise ValueError(f"window= (OnlineLearner: tbptt_window=) is only for 'tbptt', not {name!r}")
     return kind, n
 
@@ -98,6 +108,7 @@ def online_method(
     eps: float = 1e-7,
     input_size: int | None = None,
     verify: bool = True,
+    strict_options: bool = True,
     batch_axis: str | None = None,
 ) -> OnlineMethod:
     """Build the online method ``name`` for ``cell`` with parameters shaped like ``params``.
@@ -121,6 +132,7 @@ def online_method(
       block: units per block of the activity-sparse method.
       eps: UORO's stabiliser.
       input_size: ``n_in`` for truncated BPTT on a generic cell (read from ``params`` otherwise).
+      strict_options: ``False`` ignores a ``window`` given to a method that takes none.
       verify: check a user :class:`snapjax.CellSpec` against ``jax.jvp`` of its step before use.
       batch_axis: the mesh axis the batch is split over inside ``jax.shard_map`` (the
         learner's ``batch_axis``); only UORO's random signs depend on it.
@@ -129,7 +141,7 @@ def online_method(
       ValueError: unknown method, option that does not apply, unsupported cell, a user cell
         whose compressed Jacobians disagree with autodiff.
     """
-    kind, n = check_options(name, n, window)
+    kind, n = check_options(name, n, window, strict=strict_options)
     if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):
         raise ValueError("masks must be static (NumPy) arrays, not traced values: build the method outside jit")
     rec = as_recurrent(cell)
