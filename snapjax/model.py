@@ -94,7 +94,7 @@ def _from_nnx_layer(m: Any) -> Any:
 
 def _check_given(name: str, given: PyTree, expected: PyTree) -> None:
     """``ValueError`` unless ``given`` has the structure and leaf shapes of ``expected``."""
-    if jax.tree.structure(given) != jax.tree.structure(expected):
+    if str(jax.tree.structure(given)) != str(jax.tree.structure(expected)):
         raise ValueError(f"params[{name!r}] do not have the layer's structure {jax.tree.structure(expected)}")
     for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(expected)):
         if jnp.shape(a) != jnp.shape(b):
