@@ -16,6 +16,18 @@ from snapjax.influence import influence_tracker
 from snapjax.patterns import recurrent_adjacency
 
 
+def _jacfwd_step(spec, unravel, masks):
+    """Batched (over examples) ``jax.jacfwd`` of the masked step w.r.t. the flat state and the
+    flat parameters, and the step itself: ``(jac_s, jac_p, step)``, each ``(theta, s, x)``."""
+
+    def f(theta, s_flat, x):
+        s = s_flat.reshape(1, spec.units, spec.state_dim)
+        return sj.cell_step(spec, unravel(theta), s, x[None], masks).reshape(-1)
+
+    batched = lambda g: jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))  # noqa: E731
+    return batched(jax.jacfwd(f, argnums=1)), batched(jax.jacfwd(f, argnums=0)), batched(f)
+
+
 def _dense_reference(cell, params, masks, carry0, xs, n):
     """SnAp-n from first principles: dense per-example D and I by jax.jacfwd, the boolean
     recursion M_1 = pattern(I), M_{j+1} = M_j ∪ pattern(D) M_j, and J = (D J + I) ⊙ M_n."""
@@ -24,13 +36,7 @@ def _dense_reference(cell, params, masks, carry0, xs, n):
     s0 = spec.to_internal(carry0)
     k = spec.state_size
 
-    def f(theta, s_flat, x):
-        s = s_flat.reshape(1, spec.units, spec.state_dim)
-        return sj.cell_step(spec, unravel(theta), s, x[None], masks).reshape(-1)
-
-    jac_s = jax.jit(jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0)))
-    jac_p = jax.jit(jax.vmap(jax.jacfwd(f, argnums=0), in_axes=(None, 0, 0)))
-    step = jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))
+    jac_s, jac_p, step = _jacfwd_step(spec, unravel, masks)
     s = s0.reshape(s0.shape[0], -1)
     Ds, Is = [], []
     for x in xs:
@@ -187,13 +193,7 @@ def _jacfwd_reference(spec, params, masks, s0, xs, points=256, seed=0):
     flat, unravel = ravel_pytree(params)
     k = spec.state_size
 
-    def f(theta, s_flat, x):
-        s = s_flat.reshape(1, spec.units, spec.state_dim)
-        return sj.cell_step(spec, unravel(theta), s, x[None], masks).reshape(-1)
-
-    jac_s = jax.jit(jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0)))
-    jac_p = jax.jit(jax.vmap(jax.jacfwd(f, argnums=0), in_axes=(None, 0, 0)))
-    step = jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))
+    jac_s, jac_p, step = _jacfwd_step(spec, unravel, masks)
     ks, kx = jax.random.split(jax.random.key(seed))
     s_pts = jax.random.normal(ks, (points, k), jnp.float64)
     x_pts = 1.5 * jax.random.normal(kx, (points, xs.shape[-1]), jnp.float64)
