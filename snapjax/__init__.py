@@ -35,7 +35,7 @@ from snapjax.methods.tbptt import TBPTTState
 from snapjax.model import OnlineModel
 from snapjax.recurrent import Recurrent, as_recurrent
 from snapjax.scan import SequenceGradient, bptt_gradient, online_gradient
-from snapjax.sharding import shard_batch
+from snapjax.sharding import method_specs, put_sharded, shard_state, state_specs
 from snapjax.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
 from snapjax.uoro import UORO, UOROState, uoro_method
 from snapjax.transforms import (
@@ -63,7 +63,7 @@ __all__ = [
     "SequenceGradient", "online_gradient", "bptt_gradient",
     # models and training
     "OnlineModel", "OnlineLearner", "OnlineState", "Loss", "get_loss", "softmax_xent_loss", "mse_loss",
-    "shard_batch",
+    "shard_state", "state_specs", "method_specs", "put_sharded",
     "skip_nonfinite", "masked_updates", "accumulate_online", "skipped_count",
     "SkipNonFiniteState", "AccumulateOnlineState",
     "save_state", "restore_state", "state_to_bytes", "state_from_bytes",

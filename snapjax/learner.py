@@ -128,6 +128,9 @@ class OnlineLearner:
       batch_axis: a mesh axis name: :meth:`run` runs batch-parallel over it (``jax.shard_map``,
         :mod:`snapjax.sharding`) and :meth:`step` reduces over it (call ``step`` itself only
         inside a ``shard_map`` binding that axis).  ``None``: one device, no collectives.
+      param_axis: a mesh axis name: :meth:`run` keeps every method state split along its
+        parameter axis over it (model-parallel influence, :mod:`snapjax.sharding`); combine
+        with ``batch_axis`` for a 2-D mesh.  Place the state with :func:`snapjax.shard_state`.
     """
 
     model: Any
@@ -148,6 +151,7 @@ class OnlineLearner:
     skip_unscored_updates: bool = False
     reset_influence: bool = False
     batch_axis: str | None = None
+    param_axis: str | None = None
     if TYPE_CHECKING:  # set in __post_init__ (frozen dataclass); at run time not dataclass fields
         _model: OnlineModel = dataclasses.field(init=False)
         _stages: list[Stage] = dataclasses.field(init=False)
@@ -156,8 +160,12 @@ class OnlineLearner:
         _cache: dict = dataclasses.field(init=False)
 
     def __post_init__(self):
-        if self.batch_axis is not None and (not isinstance(self.batch_axis, str) or not self.batch_axis):
-            raise ValueError(f"batch_axis must be a mesh axis name (a non-empty str) or None, got {self.batch_axis!r}")
+        for name in ("batch_axis", "param_axis"):
+            axis = getattr(self, name)
+            if axis is not None and (not isinstance(axis, str) or not axis):
+                raise ValueError(f"{name} must be a mesh axis name (a non-empty str) or None, got {axis!r}")
+        if self.batch_axis is not None and self.batch_axis == self.param_axis:
+            raise ValueError(f"batch_axis and param_axis must be different mesh axes, got {self.batch_axis!r} for both")
         model = self.model
         if not isinstance(model, OnlineModel):
             layers = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -483,28 +491,32 @@ class OnlineLearner:
         """``lax.scan`` of :meth:`step` over a time-major chunk ``xs (T, B, n_in)``, ``ys (T, B)``
         or ``(T, B, out)``, ``masks (T, B)``.  Returns ``(state, outputs (T, B, out), metrics)``.
 
-        With ``batch_axis`` set: :meth:`run_sharded` over the mesh set with ``jax.set_mesh``."""
-        if self.batch_axis is not None:
+        With ``batch_axis`` or ``param_axis`` set: :meth:`run_sharded` over the mesh set with
+        ``jax.set_mesh``."""
+        if self.batch_axis is not None or self.param_axis is not None:
             return self.run_sharded(state, xs, ys, masks, **opt_args)
         xs = self._check_chunk(state, xs, ys, masks)
         return self._scan(state, xs, ys, masks, opt_args)
 
     def run_sharded(self, state: OnlineState, xs: Array, ys: Any, masks: Array | None = None, *,
                     mesh: Any = None, **opt_args):
-        """:meth:`run` batch-parallel over the mesh axis ``batch_axis`` (``jax.shard_map``; see
-        :mod:`snapjax.sharding`): the same results as one device, per-example state sharded
-        (place it with :func:`snapjax.shard_batch`), ``metrics['aux']`` leaves ``(T, D, ...)``.
+        """:meth:`run` on a mesh (see :mod:`snapjax.sharding`): batch-parallel over ``batch_axis``
+        (``jax.shard_map``), method states split over ``param_axis``, or both; the same results
+        as one device.  Place the state with :func:`snapjax.shard_state`.  With a batch axis,
+        ``metrics['aux']`` leaves are ``(T, D, ...)``.
 
         Args:
-          mesh: a ``jax.sharding.Mesh`` with the axis ``batch_axis``; ``None``: the mesh set with
+          mesh: a ``jax.sharding.Mesh`` with the learner's axes; ``None``: the mesh set with
             ``jax.set_mesh``.  Jit it, e.g. ``jax.jit(learner.run_sharded, static_argnames="mesh")``.
         Raises:
-          ValueError: ``batch_axis`` not set, no mesh, or ``B`` not divisible by the axis size.
+          ValueError: neither axis set, no mesh, or ``B`` (a parameter axis) not divisible by
+            the axis size.
         """
         from snapjax.sharding import run_sharded
 
-        if self.batch_axis is None:
-            raise ValueError("run_sharded needs a mesh axis: OnlineLearner(..., batch_axis='batch')")
+        if self.batch_axis is None and self.param_axis is None:
+            raise ValueError("run_sharded needs a mesh axis: OnlineLearner(..., batch_axis='batch') "
+                             "and/or param_axis='model'")
         xs = self._check_chunk(state, xs, ys, masks)
         return run_sharded(self, state, xs, ys, masks, opt_args, mesh)
 
@@ -524,10 +536,12 @@ class OnlineLearner:
             raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
         return xs
 
-    def _scan(self, state, xs, ys, masks, opt_args, device_aux=False):
+    def _scan(self, state, xs, ys, masks, opt_args, device_aux=False, hold=None):
         def body(st, inp):
             x, y, m = inp
             st, out, metrics = self.step(st, x, y, m, **opt_args)
+            if hold is not None:  # e.g. keep the influence split over a parameter axis
+                st = hold(st)
             if device_aux:  # per-device statistics: a device axis, concatenated by shard_map
                 metrics = {**metrics, "aux": jax.tree.map(lambda a: jnp.asarray(a)[None], metrics["aux"])}
             return st, (out, metrics)

@@ -66,6 +66,8 @@ def online_gradient(
     method_state: PyTree | None = None,
     *,
     key: Array | None = None,
+    batch_axis: str | None = None,
+    param_axis: str | None = None,
 ) -> SequenceGradient:
     """Run ``xs`` through the cell with ``lax.scan`` and sum the online gradient of ``method``.
 
@@ -74,6 +76,10 @@ def online_gradient(
       carry: initial flax carry (``None``: zeros).  xs: ``(T, B, n_in)``; ys: pytree with leading
         axis ``T``.  loss_fn: ``loss_fn(y_t, target_t) -> scalar``.
       method_state: initial method state (``None``: ``method.init``; ``key`` seeds UORO).
+      batch_axis, param_axis: mesh axes of the context mesh (``jax.set_mesh``) over which the
+        examples and the method state's parameter axis are split (:mod:`snapjax.sharding`;
+        place the inputs with :func:`snapjax.put_sharded` and :func:`snapjax.method_specs`):
+        the state is kept in that layout after every step; Explicit axes are run as Auto.
     Windowed methods (truncated BPTT, chunked RTRL) contribute at the end of each window; a
     trailing partial window is closed with the method's ``flush`` when it has one.
     """
@@ -82,22 +88,36 @@ def online_gradient(
     carry = method.init_carry(batch, dtype) if carry is None else carry
     state = method.init(batch, dtype, key=key) if method_state is None else method_state
     out_fn = method.cell.output
+    layout = None
+    if batch_axis is not None or param_axis is not None:
+        from snapjax.sharding import sequence_layout
 
-    def body(c, inp):
-        carry, st, g, total = c
-        x, y = inp
-        carry, st, _ = method.step(params, carry, st, x)
-        loss, dcarry = jax.value_and_grad(lambda cc: loss_fn(out_fn(cc), y))(carry)
-        gi, st = method.gradient(params, st, dcarry)
-        return (carry, st, jax.tree.map(jnp.add, g, gi), total + loss), out_fn(carry)
+        layout = sequence_layout(method, params, carry, state, batch_axis, param_axis)
 
-    g0 = jax.tree.map(jnp.zeros_like, params)
-    (carry, state, grads, loss), outs = lax.scan(body, (carry, state, g0, jnp.zeros((), dtype)), (xs, ys))
-    flush = getattr(method, "flush", None)
-    if flush is not None and np.shape(xs)[0] % method.period:
-        gf, state = flush(params, state)
-        grads = jax.tree.map(jnp.add, grads, gf)
-    return SequenceGradient(loss, grads, outs, carry, state)
+    def hold(carry, st):
+        return (carry, st) if layout is None else layout.hold(carry, st)
+
+    def run(params, carry, state, xs, ys):
+        def body(c, inp):
+            carry, st, g, total = c
+            x, y = inp
+            carry, st, _ = method.step(params, carry, st, x)
+            carry, st = hold(carry, st)
+            loss, dcarry = jax.value_and_grad(lambda cc: loss_fn(out_fn(cc), y))(carry)
+            gi, st = method.gradient(params, st, dcarry)
+            return (carry, st, jax.tree.map(jnp.add, g, gi), total + loss), out_fn(carry)
+
+        g0 = jax.tree.map(jnp.zeros_like, params)
+        (carry, state, grads, loss), outs = lax.scan(body, (*hold(carry, state), g0, jnp.zeros((), dtype)), (xs, ys))
+        flush = getattr(method, "flush", None)
+        if flush is not None and np.shape(xs)[0] % method.period:
+            gf, state = flush(params, state)
+            grads = jax.tree.map(jnp.add, grads, gf)
+        return SequenceGradient(loss, grads, outs, *hold(carry, state))
+
+    if layout is None:
+        return run(params, carry, state, xs, ys)
+    return layout.call(run, params, carry, state, xs, ys)
 
 
 def bptt_gradient(

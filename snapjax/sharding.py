@@ -1,38 +1,45 @@
-"""Batch-parallel online learning: the examples split over a mesh axis, by *declared* batch axes.
+"""Many devices: examples split over one mesh axis, the influence split over another.
 
-Every example's carry and method state (RTRL's influence ``J_b``, SnAp-n's tables, UORO's
-``s̃_b, θ̃_b``, TBPTT's window) belongs to that example alone, so a batch ``B`` split over ``D``
-devices needs no communication for the forward pass, the method updates or the per-example
-gradient contractions.  Where each leaf's batch axis is comes from the methods' declarations
-(:meth:`snapjax.OnlineMethod.batch_axes`; carries: axis 0), never from shapes.
+**Batch axis** (``OnlineLearner(batch_axis="batch")``).  Every example's carry and method state
+(RTRL's influence ``J_b``, SnAp-n's tables, UORO's ``s̃_b, θ̃_b``, TBPTT's window) belongs to
+that example alone, so a batch ``B`` split over ``D`` devices needs no communication for the
+forward pass, the method updates or the per-example gradient contractions.  Where each leaf's
+batch axis is comes from the methods' declarations (:meth:`snapjax.OnlineMethod.batch_axes`;
+carries: axis 0), never from shapes.  :meth:`snapjax.OnlineLearner.run` runs the ``lax.scan``
+of steps inside ``jax.shard_map`` over that axis: each device runs the single-device code on
+its ``B/D`` local examples, and the learner reduces over devices (``lax.psum``) at exactly
+these points of a step: the masked-mean denominator ``Σ_b w_b``; the loss and the gradient
+``Σ_d g_d``; the guard's "some example is non-finite" flag and the reset / excluded counts;
+the "some example scored" flag of ``skip_unscored_updates``.  The optimizer sees the same
+gradient on every device, so parameters and optimizer state stay replicated and equal to the
+single-device run up to the order of the batch sums; ``metrics['aux']`` gains a device axis
+``(T, D, ...)``.
 
-:meth:`snapjax.OnlineLearner.run` with ``OnlineLearner(batch_axis="batch")`` runs the
-``lax.scan`` of steps inside ``jax.shard_map`` over that mesh axis (:func:`run_sharded`).
-Inside, each device runs the ordinary single-device code on its ``B/D`` local examples (plain
-arrays: ``check_vma=False``, so no engine code sees sharded types and ``jax.vjp`` w.r.t. the
-replicated parameters gives the *local* sum), and the learner reduces over devices at exactly
-these points of a step (``lax.psum``):
+**Parameter axis** (``OnlineLearner(param_axis="model")``, model-parallel influence).  Exact
+RTRL stores ``k × p`` floats per example.  The recursion ``J_t = D_t J_{t-1} + I_t`` contracts
+over state units only and the gradient ``c_t J_t`` keeps the parameter index, so every leaf
+can be split along a parameter axis (declared by :meth:`snapjax.OnlineMethod.param_axes`:
+the unit axis of RTRL/SnAp-n's compressed influence, the columns of UORO's ``θ̃``) with no
+communication in the update; only the parameter-shaped gradient (``p`` floats, not ``k p``) is
+gathered.  Each device holds ``1/D`` of the influence.  This axis is left to XLA's SPMD
+partitioner: the state is constrained to its split layout after every step
+(``with_sharding_constraint``).  Both axes together form a 2-D mesh (batch × parameters).
 
-* the masked-mean denominator ``Σ_b w_b`` (so the cotangent ``w_b ∂ℓ_b/∂o_b / Σ_b w_b`` of
-  each local example is the single-device one),
-* the loss ``L_t = Σ_d (Σ_{b∈d} w_b ℓ_b) / Σ_b w_b`` and the gradient ``Σ_d g_d``,
-* the guard's "some example is non-finite" flag, the reset / excluded counts, and the
-  "some example scored" flag of ``skip_unscored_updates``.
+Meshes of either axis type work: Explicit axes (``jax.make_mesh``'s default) are run as Auto
+inside (``jax.sharding.auto_axes``), so no engine code sees sharded types.  Many processes
+(``jax.distributed``) work the same way: :func:`put_sharded` builds global arrays from the
+value every process holds (``jax.make_array_from_callback``); checkpoint with
+:mod:`snapjax.sharded_checkpoint` (orbax).
 
-The optimizer then sees the same gradient on every device, so parameters, optimizer state and
-counters stay replicated and equal to the single-device run up to the order of the batch sums.
-Per-example leaves stay sharded (``PartitionSpec(..., axis)`` at their declared axis);
-``metrics['aux']`` gains a device axis: ``(T, D, ...)``.  Meshes of either axis type (Auto,
-or Explicit, ``jax.make_mesh``'s default) work, since the shard_map body sees local arrays.
-
-Example (one device here; with ``D`` devices use ``jax.make_mesh((D,), ("batch",))``)::
+Example (one device here; with ``8`` devices use ``jax.make_mesh((2, 4), ("batch", "model"))``)::
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
-    >>> mesh = jax.make_mesh((1,), ("batch",))
-    >>> learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, batch_axis="batch")
+    >>> mesh = jax.make_mesh((1, 1), ("batch", "model"))
+    >>> learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method="rtrl",
+    ...                            batch_axis="batch", param_axis="model")
     >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
     >>> with jax.set_mesh(mesh):
-    ...     state = sj.shard_batch(learner, state, mesh)
+    ...     state = sj.shard_state(learner, state, mesh)
     ...     state, outs, metrics = learner.run_jit(state, jnp.ones((5, 2, 3)), jnp.zeros((5, 2), jnp.int32))
     >>> outs.shape, metrics["loss"].shape
     ((5, 2, 2), (5,))
@@ -40,121 +47,303 @@ Example (one device here; with ``D`` devices use ``jax.make_mesh((D,), ("batch",
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["shard_batch", "batch_specs", "run_sharded"]
+__all__ = ["method_specs", "state_specs", "put_sharded", "shard_state", "run_sharded", "sequence_layout"]
 
 PyTree = Any
 
 
-def _axis_name(learner: Any, axis_name: str | None) -> str:
-    name = getattr(learner, "batch_axis", None) if axis_name is None else axis_name
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"a mesh axis name is needed (axis_name=..., or OnlineLearner(batch_axis=...)), got {name!r}"
-        )
-    return name
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
 
 
-def _axis_size(mesh: Any, axis_name: str) -> int:
+def _axis_sizes(mesh: Any, *names: str | None) -> dict:
+    """``{name: size}`` of the mesh axes ``names`` (``None`` skipped); ``ValueError`` if absent."""
     shape = dict(mesh.shape)
-    if axis_name not in shape:
-        raise ValueError(f"the mesh has no axis {axis_name!r}; its axes are {tuple(shape)}")
-    return int(shape[axis_name])
+    for name in names:
+        if name is not None and name not in shape:
+            raise ValueError(f"the mesh has no axis {name!r}; its axes are {tuple(shape)}")
+    return shape
 
 
-def batch_specs(learner: Any, state: Any, axis_name: str | None = None) -> PyTree:
-    """A ``PartitionSpec`` per leaf of ``state`` (an :class:`snapjax.OnlineState`): each
-    per-example leaf split over ``axis_name`` at its declared batch axis (carries: 0; method
-    states: ``method.batch_axes()``), every other leaf replicated (``P()``).
+def _leaf_axes(prefix: PyTree, tree: PyTree) -> list:
+    """The axis (or ``None``) of every leaf of ``tree`` (in ``jax.tree.leaves`` order), from a
+    prefix tree of axes such as :meth:`snapjax.OnlineMethod.batch_axes`."""
+    out: list = []
+    jax.tree.map(lambda ax, sub: out.extend([ax] * len(jax.tree.leaves(sub))), prefix, tree,
+                 is_leaf=lambda x: x is None)
+    return out
+
+
+def method_specs(
+    method: Any,
+    state: PyTree,
+    *,
+    batch_axis: str | None = None,
+    param_axis: str | None = None,
+    mesh: Any = None,
+    batch_size: int | None = None,
+) -> PyTree:
+    """A ``PartitionSpec`` per leaf of an :class:`snapjax.OnlineMethod`'s ``state``: split over
+    the mesh axis ``batch_axis`` at the leaf's declared batch axis
+    (:meth:`~snapjax.OnlineMethod.batch_axes`) and over ``param_axis`` at its declared parameter
+    axis (:meth:`~snapjax.OnlineMethod.param_axes`); undeclared axes are replicated.
+
+    Args:
+      method: the method.  state: its state (arrays or ``jax.ShapeDtypeStruct``).
+      batch_axis, param_axis: mesh axis names, or ``None`` (not split that way).
+      mesh: if given, every split axis must be divisible by the mesh axis size.
+      batch_size: if given, every declared batch axis must have this length.
+    Raises:
+      ValueError: a declared axis the leaf does not have, a batch axis of the wrong length, or
+        (with ``mesh``) a split axis not divisible by the mesh axis size.
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> method = sj.online_method("rtrl", cell, params)
+        >>> specs = sj.method_specs(method, method.init(2), batch_axis="batch", param_axis="model")
+        >>> specs.influence["hn"]["kernel"]  # J (B, rows, units, K, m): examples, and kernel columns
+        PartitionSpec('batch', None, 'model')
+    """
+    sizes = {} if mesh is None else _axis_sizes(mesh, batch_axis, param_axis)
+    leaves, treedef = jax.tree.flatten(state)
+    b_axes = _leaf_axes(method.batch_axes(), state) if batch_axis is not None else [None] * len(leaves)
+    p_axes = _leaf_axes(method.param_axes(), state) if param_axis is not None else [None] * len(leaves)
+    name = getattr(method, "name", type(method).__name__)
+
+    def spec(leaf, b, p):
+        shape = tuple(jnp.shape(leaf))
+        entries: list = [None] * len(shape)
+        for ax, mesh_axis, kind in ((b, batch_axis, "batch"), (p, param_axis, "parameter")):
+            if ax is None:
+                continue
+            if not -len(shape) <= ax < len(shape):
+                raise ValueError(f"{name} state: a leaf of shape {shape} declares {kind} axis {ax}, which it does not have")
+            ax %= len(shape)
+            if entries[ax] is not None:
+                raise ValueError(f"{name} state: a leaf of shape {shape} declares axis {ax} as both batch and parameter axis")
+            if kind == "batch" and batch_size is not None and shape[ax] != batch_size:
+                raise ValueError(f"{name} state: a leaf of shape {shape} declares batch axis {ax}, "
+                                 f"which must have the batch size {batch_size}")
+            if mesh_axis in sizes and shape[ax] % sizes[mesh_axis]:
+                raise ValueError(f"{name} state: a leaf of shape {shape} is split along its {kind} axis {ax} over "
+                                 f"mesh axis {mesh_axis!r} of size {sizes[mesh_axis]}, which does not divide {shape[ax]}")
+            entries[ax] = mesh_axis
+        while entries and entries[-1] is None:
+            entries.pop()
+        return P(*entries)
+
+    return jax.tree.unflatten(treedef, [spec(*a) for a in zip(leaves, b_axes, p_axes)])
+
+
+def _batch_size(state: Any) -> int:
+    return int(jnp.shape(jax.tree.leaves(state.carry[0])[0])[0])
+
+
+def state_specs(learner: Any, state: Any, mesh: Any = None, *, batch: bool = True, params: bool = True) -> PyTree:
+    """A ``PartitionSpec`` per leaf of an :class:`snapjax.OnlineState`: carries split over
+    ``learner.batch_axis`` at axis 0, method states as :func:`method_specs` with the learner's
+    ``batch_axis`` and ``param_axis``, everything else (parameters, optimizer state, counters,
+    shared PRNG keys) replicated.  ``batch=False`` / ``params=False`` leave that axis out.
 
     Raises:
-      ValueError: no axis name, or a declared batch axis whose length is not the batch size.
+      ValueError: as :func:`method_specs`; with ``mesh``: an axis the mesh does not have, or a
+        batch or parameter axis not divisible by the mesh axis size.
     """
-    axis_name = _axis_name(learner, axis_name)
-    batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-
-    def specs(axis, tree, where):
-        if axis is None:
-            return jax.tree.map(lambda _: P(), tree)
-
-        def leaf(a):
-            if jnp.ndim(a) <= axis or jnp.shape(a)[axis] != batch:
-                raise ValueError(f"{where}: a leaf of shape {jnp.shape(a)} declares batch axis {axis}, "
-                                 f"which must have the batch size {batch}")
-            return P(*([None] * axis + [axis_name]))
-
-        return jax.tree.map(leaf, tree)
-
-    methods = learner.methods(state.params)
-    carry = tuple(specs(0, c, f"carry[{i}]") for i, c in enumerate(state.carry))
+    b = learner.batch_axis if batch else None
+    p = learner.param_axis if params else None
+    B = _batch_size(state)
+    if mesh is not None:
+        sizes = _axis_sizes(mesh, b, p)
+        if b is not None and B % sizes[b]:
+            raise ValueError(f"batch size {B} is not divisible by mesh axis {b!r} of size {sizes[b]}")
+    carry = tuple(jax.tree.map(lambda _: P(b), c) for c in state.carry)
     ms = tuple(
-        jax.tree.map(lambda ax, sub, m=m: specs(ax, sub, f"{m.name} state"), m.batch_axes(), s,
-                     is_leaf=lambda x: x is None)
-        for m, s in zip(methods, state.method_state)
+        method_specs(m, s, batch_axis=b, param_axis=p, mesh=mesh, batch_size=B)
+        for m, s in zip(learner.methods(state.params), state.method_state)
     )
-    rest = specs(None, state._replace(carry=(), method_state=()), "")
+    rest = jax.tree.map(lambda _: P(), state._replace(carry=(), method_state=()))
     return rest._replace(carry=carry, method_state=ms)
 
 
-def shard_batch(learner: Any, state: Any, mesh: Mesh, axis_name: str | None = None) -> Any:
-    """``state`` placed on ``mesh`` with its batch axes sharded over ``axis_name`` (default:
-    ``learner.batch_axis``) and everything else (parameters, optimizer state, counters, shared
-    PRNG keys) replicated; see :func:`batch_specs`.
+def put_sharded(tree: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
+    """``tree`` placed on ``mesh`` with ``specs`` (a ``PartitionSpec`` or a prefix tree of them),
+    also when the mesh spans several processes (``jax.distributed``): each process then passes
+    the same full value (e.g. from a deterministic ``learner.init``) and keeps its own shards
+    (``jax.make_array_from_callback``).  Typed PRNG keys are placed through their key data.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, snapjax as sj
+        >>> mesh = jax.make_mesh((1,), ("batch",))
+        >>> xs = sj.put_sharded(jnp.ones((5, 4, 3)), mesh, jax.sharding.PartitionSpec(None, "batch"))
+        >>> xs.sharding.spec
+        PartitionSpec(None, 'batch')
+    """
+    from snapjax.methods.base import is_key
+
+    def place(x, spec):
+        if is_key(x):
+            data = place(jax.random.key_data(x), spec)  # (*shape, key words): the same spec
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        sharding = NamedSharding(mesh, spec)
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(lambda spec, sub: jax.tree.map(lambda x: place(x, spec), sub), specs, tree, is_leaf=_is_spec)
+
+
+def shard_state(learner: Any, state: Any, mesh: Mesh) -> Any:
+    """``state`` placed on ``mesh`` by :func:`state_specs`: per-example leaves split over
+    ``learner.batch_axis``, influence leaves over ``learner.param_axis``, the rest replicated.
+    Works across processes (:func:`put_sharded`).
 
     Raises:
-      ValueError: no axis name, an axis the mesh does not have, or a batch size not divisible
-        by the axis size.
+      ValueError: the learner has neither axis, or as :func:`state_specs` (with ``mesh``).
     """
-    axis_name = _axis_name(learner, axis_name)
-    size = _axis_size(mesh, axis_name)
-    batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-    if batch % size:
-        raise ValueError(f"batch size {batch} is not divisible by mesh axis {axis_name!r} of size {size}")
-    specs = batch_specs(learner, state, axis_name)
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-    return jax.device_put(state, shardings)
+    if learner.batch_axis is None and learner.param_axis is None:
+        raise ValueError("shard_state needs a mesh axis: OnlineLearner(..., batch_axis='batch') and/or param_axis='model'")
+    return put_sharded(state, mesh, state_specs(learner, state, mesh))
 
 
-def run_sharded(learner: Any, state: Any, xs: Any, ys: Any, masks: Any, opt_args: dict, mesh: Any = None):
-    """``learner``'s scan of steps inside ``jax.shard_map`` over ``learner.batch_axis`` of
-    ``mesh`` (``None``: the mesh set with ``jax.set_mesh``); use through
-    :meth:`snapjax.OnlineLearner.run` / :meth:`~snapjax.OnlineLearner.run_sharded`.
-
-    ``xs (T, B, n_in)``, ``ys``, ``masks (T, B)`` are split along ``B``; ``opt_args`` are
-    replicated.  Returns ``(state, outputs (T, B, out), metrics)`` with ``metrics['aux']``
-    leaves ``(T, D, ...)`` (one row per device).
-
-    Raises:
-      ValueError: no mesh, a mesh without the axis, or a batch not divisible by its size.
-    """
-    axis = _axis_name(learner, None)
+def _context_mesh(mesh: Any, learner: Any) -> Any:
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            raise ValueError(f"batch_axis={axis!r} needs a mesh: pass mesh=, or run under `with jax.set_mesh(mesh):`")
-    size = _axis_size(mesh, axis)
-    batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-    if batch % size:
-        raise ValueError(f"batch size {batch} is not divisible by mesh axis {axis!r} of size {size}")
-    data = P(None, axis)
-    in_specs = (batch_specs(learner, state, axis), data, jax.tree.map(lambda _: data, ys),
-                P() if masks is None else data, jax.tree.map(lambda _: P(), opt_args))
-    out_specs = (in_specs[0], data,
-                 {"loss": P(), "updated": P(), "skipped": P(), "resets": P(), "excluded": P(), "aux": data})
+            axes = [a for a in (learner.batch_axis, learner.param_axis) if a is not None]
+            raise ValueError(f"mesh axes {axes} need a mesh: pass mesh=, or run under `with jax.set_mesh(mesh):`")
+    return mesh
+
+
+def _spmd(fn: Callable, mesh: Any, out_specs: PyTree) -> Callable:
+    """``fn`` with every Explicit axis of ``mesh`` run as Auto (``jax.sharding.auto_axes``)."""
+    explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit]
+    if not explicit:
+        return fn
+    if isinstance(mesh, Mesh):
+        out_specs = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs, is_leaf=_is_spec)
+    return jax.sharding.auto_axes(fn, axes=tuple(explicit), out_sharding=out_specs)
+
+
+def run_sharded(learner: Any, state: Any, xs: Any, ys: Any, masks: Any, opt_args: dict, mesh: Any = None):
+    """``learner``'s scan of steps on ``mesh`` (``None``: the mesh set with ``jax.set_mesh``):
+    inside ``jax.shard_map`` over ``learner.batch_axis`` (``xs (T, B, n_in)``, ``ys``, ``masks
+    (T, B)`` split along ``B``), with the method states kept split over ``learner.param_axis``;
+    ``opt_args`` replicated.  Use through :meth:`snapjax.OnlineLearner.run`.
+
+    Returns ``(state, outputs (T, B, out), metrics)``; with a batch axis, ``metrics['aux']``
+    leaves are ``(T, D, ...)`` (one row per device).
+
+    Raises:
+      ValueError: no mesh, a mesh without the axes, or a batch or parameter axis not divisible
+        by the mesh axis size.
+    """
+    b, p = learner.batch_axis, learner.param_axis
+    mesh = _context_mesh(mesh, learner)
+    full = state_specs(learner, state, mesh)
+    data = P(None, b) if b is not None else P()
+    metric_specs = {"loss": P(), "updated": P(), "skipped": P(), "resets": P(), "excluded": P(), "aux": data}
+    in_specs = (full, data, jax.tree.map(lambda _: data, ys), P() if masks is None else data,
+                jax.tree.map(lambda _: P(), opt_args))
+    out_specs = (full, data, metric_specs)
+    # inside the step only the parameter axis is left to the partitioner (the batch axis is
+    # manual in shard_map): after every step each leaf is put back in its declared layout, so
+    # the influence stays split and parameters / optimizer state stay replicated (the gradient,
+    # parameter-shaped, is what gets gathered), and the output layout equals the input's
+    keep = None if p is None else state_specs(learner, state, batch=False)
+
+    def hold(st):
+        if keep is None:
+            return st
+        context = not jax.sharding.get_abstract_mesh().empty  # e.g. inside shard_map / auto_axes
+        target = keep if context else jax.tree.map(lambda s: NamedSharding(mesh, s), keep, is_leaf=_is_spec)
+        return jax.lax.with_sharding_constraint(st, target)
 
     def local(st, xs, ys, masks, opt_args):
-        return learner._scan(st, xs, ys, masks, opt_args, device_aux=True)
+        st, outs, metrics = learner._scan(hold(st), xs, ys, masks, opt_args, device_aux=b is not None, hold=hold)
+        return hold(st), outs, metrics  # the loop's result too (XLA may lay a loop carry out its own way)
+
+    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+    fn = local
+    if b is not None:
+        batch_only = state_specs(learner, state, params=False)
+
+        def fn(*args):  # inside auto_axes the mesh is the Auto view of ``mesh``: take the context's
+            return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh() if explicit else mesh,
+                                 in_specs=(batch_only,) + in_specs[1:], out_specs=(batch_only,) + out_specs[1:],
+                                 axis_names={b}, check_vma=False)(*args)
 
     args = (state, xs, ys, masks, opt_args)
-    if dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit:
-        # Explicit axes: shard_map takes arguments typed as its in_specs (a no-op when they are)
-        target = in_specs if isinstance(mesh, AbstractMesh) else jax.tree.map(
-            lambda s: NamedSharding(mesh, s), in_specs, is_leaf=lambda x: isinstance(x, P))
-        args = jax.sharding.reshard(args, target)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return fn(*args)
+    if not explicit:
+        return fn(*args)
+    # Explicit axes: arguments typed as the in_specs (a no-op when they are), run as Auto
+    target = in_specs if isinstance(mesh, AbstractMesh) else jax.tree.map(
+        lambda s: NamedSharding(mesh, s), in_specs, is_leaf=_is_spec)
+    args = jax.sharding.reshard(args, target)
+    if jax.sharding.get_abstract_mesh().empty:  # a concrete mesh passed without a context mesh
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _spmd(fn, mesh, out_specs)(*args)
+    return _spmd(fn, mesh, out_specs)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """Where :func:`snapjax.online_gradient`'s carries and method state live on the context mesh
+    (built by :func:`sequence_layout`)."""
+
+    mesh: Any
+    carry: PyTree
+    state: PyTree
+    batch_axis: str | None
+
+    def hold(self, carry: PyTree, state: PyTree) -> tuple:
+        """``(carry, state)`` constrained to their layout (after every step)."""
+        return jax.lax.with_sharding_constraint((carry, state), (self.carry, self.state))
+
+    def call(self, fn: Callable, params: PyTree, carry: PyTree, state: PyTree, xs: Any, ys: Any) -> Any:
+        """``fn(params, carry, state, xs, ys)`` with Explicit mesh axes run as Auto; its result is
+        a :class:`snapjax.SequenceGradient` laid out as: loss and gradients replicated, outputs
+        ``(T, B, ...)`` and carries split over the batch axis, the method state as declared."""
+        from snapjax.scan import SequenceGradient
+
+        data = P(None, self.batch_axis)
+        out = SequenceGradient._make([P(), jax.tree.map(lambda _: P(), params), data, self.carry, self.state])
+        in_specs = (jax.tree.map(lambda _: P(), params), self.carry, self.state, data,
+                    jax.tree.map(lambda _: data, ys))
+        args = (params, carry, state, xs, ys)
+        if any(t == AxisType.Explicit for t in self.mesh.axis_types):
+            args = jax.sharding.reshard(args, in_specs)
+        return _spmd(fn, self.mesh, out)(*args)
+
+
+def sequence_layout(method: Any, params: PyTree, carry: PyTree, state: PyTree,
+                    batch_axis: str | None, param_axis: str | None) -> SequenceLayout:
+    """The layout of :func:`snapjax.online_gradient` with ``batch_axis`` / ``param_axis`` on the
+    context mesh (``jax.set_mesh``).
+
+    Raises:
+      ValueError: no context mesh, an axis it does not have, or a split axis not divisible by
+        the mesh axis size (see :func:`method_specs`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError("online_gradient(batch_axis=..., param_axis=...) runs on the context mesh: "
+                         "call it under `with jax.set_mesh(mesh):`")
+    batch = int(jnp.shape(jax.tree.leaves(carry)[0])[0])
+    sizes = _axis_sizes(mesh, batch_axis, param_axis)
+    if batch_axis is not None and batch % sizes[batch_axis]:
+        raise ValueError(f"batch size {batch} is not divisible by mesh axis {batch_axis!r} of size {sizes[batch_axis]}")
+    specs = method_specs(method, state, batch_axis=batch_axis, param_axis=param_axis, mesh=mesh, batch_size=batch)
+    return SequenceLayout(mesh, jax.tree.map(lambda _: P(batch_axis), carry), specs, batch_axis)

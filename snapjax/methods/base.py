@@ -59,7 +59,18 @@ __all__ = ["OnlineMethod", "StepResult", "is_key", "typed_key", "select_examples
 
 class StepResult(NamedTuple):
     """What :meth:`OnlineMethod.step` returns: the new flax carry, the new method state and a
-    dict of per-step statistics."""
+    dict of per-step statistics.
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+        >>> method = sj.online_method("snap1", nn.GRUCell(4), params)
+        >>> result = method.step(params, method.init_carry(2), method.init(2), jnp.ones((2, 3)))
+        >>> isinstance(result, sj.StepResult), result.carry.shape, result.aux
+        (True, (2, 4), {})
+        >>> carry, state, aux = result                # a NamedTuple: unpacks in this order
+    """
 
     carry: PyTree
     state: PyTree
@@ -127,7 +138,9 @@ def finite_examples(tree: PyTree, batch: int, axes: PyTree = 0) -> Array:
             if axis is None:
                 ok = ok & jnp.all(fin)
             else:
-                ok = ok & jnp.all(jnp.moveaxis(fin, axis, 0).reshape(batch, -1), axis=1)
+                # reduce over the other axes in place (no reshape: a leaf split over devices along
+                # a parameter axis is reduced where it lies, then across devices)
+                ok = ok & jnp.all(fin, axis=tuple(i for i in range(fin.ndim) if i != axis))
 
     jax.tree.map(visit, axes, tree, is_leaf=lambda x: x is None)
     return ok
@@ -150,6 +163,32 @@ class OnlineMethod(abc.ABC):
     Attributes (required of subclasses):
       cell: the :class:`snapjax.Recurrent` being followed.
       name: short display name (``"rtrl"``, ``"snap1"``, ``"uoro"``, ``"tbptt8"``...).
+
+    Example (exact RTRL, driven step by step for the loss ``Σ_t Σ h_t``, gives the gradient of
+    the unrolled loop)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+        >>> xs = jax.random.normal(jax.random.key(1), (3, 2, 3))        # (T, B, n_in)
+        >>> method = sj.online_method("rtrl", cell, params)
+        >>> isinstance(method, sj.OnlineMethod), method.period
+        (True, 1)
+        >>> carry, state = method.init_carry(2), method.init(2)
+        >>> total = jax.tree.map(jnp.zeros_like, params)
+        >>> for x in xs:                              # ∂L_t/∂h_t = 1
+        ...     carry, state, _ = method.step(params, carry, state, x)
+        ...     g, state = method.gradient(params, state, jnp.ones_like(carry))
+        ...     total = jax.tree.map(jnp.add, total, g)
+        >>> def unrolled(p):
+        ...     h, loss = jnp.zeros((2, 4)), 0.0
+        ...     for x in xs:
+        ...         h = cell.apply({"params": p}, h, x)[0]
+        ...         loss = loss + h.sum()
+        ...     return loss
+        >>> ref = jax.grad(unrolled)(params)
+        >>> all(bool(jnp.allclose(a, b, atol=1e-5)) for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(ref)))
+        True
     """
 
     cell: Recurrent
@@ -163,6 +202,16 @@ class OnlineMethod(abc.ABC):
     @abc.abstractmethod
     def batch_axes(self) -> PyTree:
         """A prefix of the state pytree: the batch axis of each leaf, or ``None`` if shared."""
+
+    def param_axes(self) -> PyTree:
+        """A prefix of the state pytree: for each leaf, an axis indexing *parameters* (negative:
+        counted from the end) along which the leaf may be split over devices, or ``None``.
+
+        Splitting a leaf along that axis must need no communication in :meth:`step` (e.g.
+        ``D·J`` contracts over state units, never over parameters) and only parameter-shaped
+        results in :meth:`gradient`; :mod:`snapjax.sharding` uses it for the model-parallel
+        influence (``OnlineLearner(param_axis=...)``).  Default: ``None`` (nothing split)."""
+        return None
 
     @property
     def period(self) -> int:

@@ -183,6 +183,11 @@ class ChunkedInfluence(OnlineMethod):
         return ChunkedState(influence=0, xs=0, hs=0, dpre=0, dunit=0, dstate=0, cot=0, cut=0,
                             pending=0, drop=0, stepped=None, pos=None)
 
+    def param_axes(self) -> ChunkedState:
+        # J leaves (B, L, U·W·m): the merged axis leads with the parameter's unit U
+        return ChunkedState(influence=-1, xs=None, hs=None, dpre=None, dunit=None, dstate=None, cot=None,
+                            cut=None, pending=None, drop=None, stepped=None, pos=None)
+
     def num_stored(self) -> int:
         spec = self.tracker.spec
         U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)

@@ -31,7 +31,19 @@ __all__ = ["InfluenceState", "CompressedInfluence"]
 
 class InfluenceState(NamedTuple):
     """State of RTRL / SnAp-n: ``influence``, one leaf per parameter leaf, batch axis 0
-    (compressed layout, see :mod:`snapjax.influence`; ``method.to_dense`` expands it)."""
+    (compressed layout, see :mod:`snapjax.influence`; ``method.to_dense`` expands it).
+
+    Example (SnAp-1 of a GRU with 4 units; ``to_dense`` gives ``(B, *param_shape, units, m)``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> method = sj.online_method("snap1", nn.GRUCell(4), params)
+        >>> state = method.init(2)
+        >>> isinstance(state, sj.InfluenceState), method.batch_axes()
+        (True, InfluenceState(influence=0))
+        >>> method.to_dense(state)["hn"]["kernel"].shape
+        (2, 4, 4, 4, 1)
+    """
 
     influence: PyTree
 
@@ -55,6 +67,11 @@ class CompressedInfluence(OnlineMethod):
 
     def batch_axes(self) -> InfluenceState:
         return InfluenceState(influence=0)
+
+    def param_axes(self) -> InfluenceState:
+        # every leaf is (B, *rows, U, K, m): U indexes the parameter's unit (its kernel column);
+        # D·J contracts over the K state slots only
+        return InfluenceState(influence=-3)
 
     def num_stored(self) -> int:
         return self.tracker.num_stored()

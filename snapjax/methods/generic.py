@@ -246,7 +246,17 @@ def _lead(tree: PyTree) -> PyTree:
 # ------------------------------------------------------------------------------ the method
 class GenericInfluence(NamedTuple):
     """State of generic RTRL / SnAp-n: ``influence`` ``J (B, k, p)`` (``k`` = carry floats per
-    example in ``ravel_pytree`` order, ``p`` = parameter floats in ``ravel_pytree(params)`` order)."""
+    example in ``ravel_pytree`` order, ``p`` = parameter floats in ``ravel_pytree(params)`` order).
+
+    Example (GRU with 3 units and 2 inputs: ``k = 3``, ``p = 57``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> params = nn.GRUCell(3).init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
+        >>> method = sj.dense_method(sj.as_recurrent(nn.GRUCell(3), generic=True), params)
+        >>> state = method.init(2)
+        >>> isinstance(state, sj.GenericInfluence), state.influence.shape, method.batch_axes()
+        (True, (2, 3, 57), GenericInfluence(influence=0))
+    """
 
     influence: Array
 
@@ -264,6 +274,18 @@ class DenseInfluence(OnlineMethod):
     The ``(k, p)`` bool pattern ``M_n`` (:meth:`pattern`; ``None`` for RTRL without masks) is
     built at construction when the input size is known, else on the first trace of
     :meth:`step` (the input size is read from ``x``), and cached.
+
+    Example (pattern sizes of a GRU with ``k = 3``, ``p = 57``: SnAp-1 keeps one entry per
+    parameter, SnAp-2 already all ``k·p``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> params = nn.GRUCell(3).init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
+        >>> rec = sj.as_recurrent(nn.GRUCell(3), generic=True)
+        >>> methods = [sj.dense_method(rec, params, n=n, input_size=2) for n in (1, 2, None)]
+        >>> [m.name for m in methods], [m.pattern_count(2) for m in methods]
+        (['snap1', 'snap2', 'rtrl'], [57, 171, 171])
+        >>> methods[0].pattern(2).shape, methods[0].num_stored()      # (k, p); k·p stored per example
+        ((3, 57), 171)
     """
 
     cell: Recurrent
@@ -285,6 +307,9 @@ class DenseInfluence(OnlineMethod):
 
     def batch_axes(self) -> GenericInfluence:
         return GenericInfluence(influence=0)  # type: ignore[arg-type]
+
+    def param_axes(self) -> GenericInfluence:
+        return GenericInfluence(influence=-1)  # type: ignore[arg-type]  # J (B, k, p): the p axis
 
     def num_stored(self) -> int:
         return self.carry.size * self.p
@@ -398,6 +423,25 @@ def dense_method(
         SnAp-n pattern is built here, else at the first traced :meth:`DenseInfluence.step`.
     Raises:
       ValueError: bad ``n``, masks, parameters, precision or ``input_size``.
+
+    Example (exact RTRL on the dense path equals the compressed RTRL of the same GRU)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(3)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
+        >>> xs = jax.random.normal(jax.random.key(1), (2, 2, 2))        # (T, B, n_in)
+        >>> def summed_gradient(method):                              # loss Σ_t Σ h_t
+        ...     carry, state = method.init_carry(2), method.init(2)
+        ...     total = jax.tree.map(jnp.zeros_like, params)
+        ...     for x in xs:
+        ...         carry, state, _ = method.step(params, carry, state, x)
+        ...         g, state = method.gradient(params, state, jnp.ones_like(carry))
+        ...         total = jax.tree.map(jnp.add, total, g)
+        ...     return total
+        >>> dense = summed_gradient(sj.dense_method(sj.as_recurrent(cell, generic=True), params))
+        >>> fast = summed_gradient(sj.online_method("rtrl", cell, params))
+        >>> all(bool(jnp.allclose(a, b, atol=1e-5)) for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(fast)))
+        True
     """
     rec = as_recurrent(cell)
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
