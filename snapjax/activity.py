@@ -121,6 +121,17 @@ class ActivityInfluence(NamedTuple):
         their columns of the newly active units); its contents carry no information between
         steps.
       active: ``(B, U)`` bool, the units whose read-out row may be nonzero.
+
+    Example (EGRU with 8 units, 3 inputs; ``W_hu`` has ``M = 8·8`` entries)::
+
+        >>> import jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = sj.EGRUCell(8)
+        >>> params = cell.init(jax.random.key(0), cell.initialize_carry(None, (2, 3)), jnp.zeros((2, 3)))["params"]
+        >>> state = sj.online_method("activity", cell, params, block=4).init(2)
+        >>> isinstance(state, sj.ActivityInfluence), state.active.shape, bool(state.active.any())
+        (True, (2, 8), False)
+        >>> state.readout["hu"]["kernel"].shape, state.other["hu"]["kernel"].shape
+        ((2, 8, 64), (2, 8, 64))
     """
 
     other: PyTree
@@ -153,6 +164,20 @@ class ActivitySparseRTRL(OnlineMethod):
         in the batch).
       state_pairs: static ``(a, c)`` pairs where ``∂φ_a/∂s_c`` can be nonzero (within-unit term).
       name: ``"activity"`` (RTRL) or ``"activity-snapN"``.
+
+    Example (the module docstring runs a step; storage is dense RTRL's plus an equal-sized
+    work buffer for EGRU)::
+
+        >>> import jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = sj.EGRUCell(8)
+        >>> params = cell.init(jax.random.key(0), cell.initialize_carry(None, (2, 3)), jnp.zeros((2, 3)))["params"]
+        >>> method = sj.online_method("activity", cell, params, block=4)
+        >>> isinstance(method, sj.ActivitySparseRTRL), method.name, method.block
+        (True, 'activity', 4)
+        >>> sj.online_method("activity", cell, params, block=0.25).block    # ceil(0.25 · 8) units
+        2
+        >>> method.num_stored() == 2 * sj.online_method("rtrl", cell, params).num_stored()
+        True
     """
 
     cell: Recurrent
@@ -341,6 +366,20 @@ def step_cost(method: ActivitySparseRTRL, batch_size: int, capacity: Any, itemsi
 
     Raises:
       ValueError: ``method`` is not an :class:`ActivitySparseRTRL`.
+
+    Example (EGRU with 8 units, 4 of them computed per example)::
+
+        >>> import jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = sj.EGRUCell(8)
+        >>> params = cell.init(jax.random.key(0), cell.initialize_carry(None, (2, 3)), jnp.zeros((2, 3)))["params"]
+        >>> method = sj.online_method("activity", cell, params, block=4)
+        >>> cost = sj.step_cost(method, batch_size=2, capacity=4)
+        >>> [int(cost[k]) for k in ("flops", "flops_dense_structured", "flops_dense")]
+        [81280, 181504, 312576]
+        >>> cost["influence_bytes"] == cost["scratch_bytes"] == method.tracker.num_stored() * 2 * 4
+        True
+        >>> sj.step_cost(method, 2, jnp.array([0, 4, 8]))["flops"].shape   # per-step capacities
+        (3,)
     """
     if not isinstance(method, ActivitySparseRTRL):
         raise ValueError(f"step_cost needs an ActivitySparseRTRL (online_method('activity', ...)), "

@@ -106,7 +106,21 @@ class _Leaf(nn.Module):
 
 
 class VanillaCell(_SpecCell):
-    """Elman tanh cell with flax.linen.SimpleCell's parameter layout (``i``, ``h``)."""
+    """Elman tanh cell with flax.linen.SimpleCell's parameter layout (``i``, ``h``):
+    ``h' = act(x W_i + b_i + h W_h)`` (:func:`snapjax.cells.vanilla_spec`).
+
+    Example (flax's ``SimpleCell`` computes the same step on these parameters)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cell_modules import VanillaCell
+        >>> h, x = 0.5 * jnp.ones((2, 4)), jnp.ones((2, 3))
+        >>> variables = VanillaCell(4).init(jax.random.key(0), h, x)
+        >>> jax.tree.map(jnp.shape, variables["params"])
+        {'h': {'kernel': (4, 4)}, 'i': {'bias': (4,), 'kernel': (3, 4)}}
+        >>> h_new, y = VanillaCell(4).apply(variables, h, x)
+        >>> bool(jnp.allclose(h_new, nn.SimpleCell(4).apply(variables, h, x)[0], atol=1e-6))
+        True
+    """
 
     activation_fn: Callable = jnp.tanh
 
@@ -116,7 +130,20 @@ class VanillaCell(_SpecCell):
 
 
 class GRUCell(_SpecCell):
-    """GRU with flax.linen.GRUCell's parameter layout and maths (see :func:`gru_spec`)."""
+    """GRU with flax.linen.GRUCell's parameter layout and maths (see :func:`gru_spec`).
+
+    Example (in ``flax.linen.RNN`` over a batch-major sequence ``(B, T, n_in)``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cell_modules import GRUCell
+        >>> from snapjax.cells import gru_spec
+        >>> GRUCell(4).spec is gru_spec(4)
+        True
+        >>> rnn, xs = nn.RNN(GRUCell(4)), jnp.ones((2, 5, 3))
+        >>> variables = rnn.init(jax.random.key(0), xs)
+        >>> rnn.apply(variables, xs).shape
+        (2, 5, 4)
+    """
 
     gate_fn: Callable = jax.nn.sigmoid
     activation_fn: Callable = jnp.tanh
@@ -127,7 +154,20 @@ class GRUCell(_SpecCell):
 
 
 class LSTMCell(_SpecCell):
-    """LSTM with flax.linen.LSTMCell's parameter layout; carry ``(c, h)``."""
+    """LSTM with flax.linen.LSTMCell's parameter layout; carry ``(c, h)`` (see :func:`lstm_spec`).
+
+    Example (flax's ``LSTMCell`` computes the same step on these parameters)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cell_modules import LSTMCell
+        >>> cell, x = LSTMCell(4), jnp.ones((2, 3))
+        >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
+        >>> variables = cell.init(jax.random.key(1), carry, x)
+        >>> (c, h), y = cell.apply(variables, carry, x)
+        >>> (c_ref, h_ref), _ = nn.LSTMCell(4).apply(variables, carry, x)
+        >>> c.shape, bool(jnp.allclose(h, h_ref, atol=1e-6)), bool(jnp.array_equal(y, h))
+        ((2, 4), True, True)
+    """
 
     gate_fn: Callable = jax.nn.sigmoid
     activation_fn: Callable = jnp.tanh

@@ -94,6 +94,14 @@ class Projection:
         ``(units,)``).
       source: ``"input"`` (reads ``x_t``) or ``"state"`` (reads ``h_{t-1}``).
       use_bias: whether ``params[name]`` holds a ``'bias'``.
+
+    Example (the recurrent projections of flax's GRU)::
+
+        >>> from snapjax.cells import Projection, gru_spec
+        >>> [(p.name, p.use_bias) for p in gru_spec(4).projections if p.source == "state"]
+        [('hr', False), ('hz', False), ('hn', True)]
+        >>> Projection("hn", "state", True) in gru_spec(4).projections
+        True
     """
 
     name: str
@@ -125,6 +133,22 @@ class CellSpec:
       emit: optional ``emit(s (B, units, m)) -> (B, features)``, what the layer passes to the
         next module (:meth:`layer_output`); ``None`` emits the read-out component.  E.g. the
         LRU emits ``concat(re, im)`` (:mod:`snapjax.lru`).  Must not depend on parameters.
+
+    Example (LSTM: flax carry ``(c, h)`` ↔ internal ``(B, units, 2)``; the module docstring
+    writes a whole cell)::
+
+        >>> import jax.numpy as jnp
+        >>> from snapjax.cells import lstm_spec
+        >>> spec = lstm_spec(4)
+        >>> spec.state_size, spec.state_dim, spec.readout, spec.carry_kind
+        (8, 2, 1, 'tuple')
+        >>> c, h = jnp.zeros((2, 4)), jnp.ones((2, 4))
+        >>> s = spec.to_internal((c, h))
+        >>> s.shape, bool(jnp.array_equal(spec.output(s), h))
+        ((2, 4, 2), True)
+        >>> back = spec.from_internal(s)
+        >>> bool(jnp.array_equal(back[0], c) and jnp.array_equal(back[1], h))
+        True
     """
 
     name: str
@@ -264,6 +288,20 @@ def cell_step(
       masks: optional dict ``projection name -> (n_in, units)`` 0/1 array.
     Returns:
       new state ``(B, units, state_dim)``.
+
+    Example (a masked kernel acts as the kernel with zeros in place)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+        >>> from snapjax.cells import cell_step, gru_spec
+        >>> spec, x = gru_spec(4), jnp.ones((2, 3))
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((2, 4)), x)["params"]
+        >>> s = 0.5 * jnp.ones((2, 4, 1))
+        >>> cell_step(spec, params, s, x).shape
+        (2, 4, 1)
+        >>> masks = {"hn": np.eye(4)}             # keep only the diagonal of W_hn
+        >>> zeroed = {**params, "hn": {**params["hn"], "kernel": params["hn"]["kernel"] * np.eye(4)}}
+        >>> bool(jnp.allclose(cell_step(spec, params, s, x, masks), cell_step(spec, zeroed, s, x)))
+        True
     """
     pre = preactivations(spec, params, spec.output(s), x, masks, precision)
     unit = {q: params[q] for q in spec.unit_params}
@@ -327,7 +365,22 @@ def _lstm_phi(gate_fn, activation, pre, unit, s):
 @_cached_spec
 def vanilla_spec(units: int, activation: Callable = jnp.tanh, residual: bool = False) -> CellSpec:
     """Elman cell ``h' = act(x W_i + b_i + h W_h)`` (flax.linen.SimpleCell layout);
-    ``residual=True``: ``h' = act(x W_i + b_i + h W_h + h)`` (SimpleCell(residual=True))."""
+    ``residual=True``: ``h' = act(x W_i + b_i + h W_h + h)`` (SimpleCell(residual=True)).
+
+    Example (same step as flax's ``SimpleCell`` on its own parameters)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells import cell_step, vanilla_spec
+        >>> spec = vanilla_spec(4)
+        >>> [p.name for p in spec.projections], spec.state_dim
+        (['i', 'h'], 1)
+        >>> h, x = 0.5 * jnp.ones((2, 4)), jnp.ones((2, 3))
+        >>> params = nn.SimpleCell(4).init(jax.random.key(0), h, x)["params"]
+        >>> h_new = spec.from_internal(cell_step(spec, params, spec.to_internal(h), x))
+        >>> h_flax, _ = nn.SimpleCell(4).apply({"params": params}, h, x)
+        >>> bool(jnp.allclose(h_new, h_flax, atol=1e-6))
+        True
+    """
     return CellSpec(
         name="vanilla",
         units=units,
@@ -349,6 +402,22 @@ def gru_spec(
     n = tanh(x W_in + b_in + r ⊙ (h W_hn + b_hn)), h' = (1 - z) ⊙ n + z ⊙ h.
 
     ``hn_bias=False`` drops ``b_hn`` (flax.nnx.GRUCell's form, see :mod:`snapjax.nnx`).
+
+    Example (same step as flax's ``GRUCell``; specs are cached, so equal arguments give the
+    same object)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells import cell_step, gru_spec
+        >>> spec = gru_spec(4)
+        >>> spec is gru_spec(4, jax.nn.sigmoid, jnp.tanh), spec.projection("hn").use_bias
+        (True, True)
+        >>> gru_spec(4, hn_bias=False).projection("hn").use_bias
+        False
+        >>> h, x = 0.5 * jnp.ones((2, 4)), jnp.ones((2, 3))
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), h, x)["params"]
+        >>> h_new = spec.from_internal(cell_step(spec, params, spec.to_internal(h), x))
+        >>> bool(jnp.allclose(h_new, nn.GRUCell(4).apply({"params": params}, h, x)[0], atol=1e-6))
+        True
     """
     return CellSpec(
         name="gru",
@@ -377,6 +446,19 @@ def mgu_spec(
 
     f = σ(x W_if + b_if + h W_hf),  n = tanh(x W_in + b_in + f ⊙ (h W_hn + b_hn)),
     h' = (1 - f) ⊙ n + f ⊙ h;  with ``reset_gate=False``: n = tanh(x W_in + b_in + h W_hn).
+
+    Example (same step as flax's ``MGUCell(reset_gate=False)``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells import cell_step, mgu_spec
+        >>> spec = mgu_spec(4, reset_gate=False)
+        >>> [(p.name, p.use_bias) for p in spec.projections]
+        [('if', True), ('in', True), ('hf', False), ('hn', False)]
+        >>> h, x, cell = 0.5 * jnp.ones((2, 4)), jnp.ones((2, 3)), nn.MGUCell(4, reset_gate=False)
+        >>> params = cell.init(jax.random.key(0), h, x)["params"]
+        >>> h_new = spec.from_internal(cell_step(spec, params, spec.to_internal(h), x))
+        >>> bool(jnp.allclose(h_new, cell.apply({"params": params}, h, x)[0], atol=1e-6))
+        True
     """
     return CellSpec(
         name="mgu",
@@ -396,7 +478,23 @@ def mgu_spec(
 
 @_cached_spec
 def lstm_spec(units: int, gate_fn: Callable = jax.nn.sigmoid, activation: Callable = jnp.tanh) -> CellSpec:
-    """LSTM in flax.linen.LSTMCell form, state ``(c, h)`` (state_dim 2, read-out h)."""
+    """LSTM in flax.linen.LSTMCell form, state ``(c, h)`` (state_dim 2, read-out h):
+
+    i = σ(x W_ii + h W_hi + b_hi), f = σ(x W_if + h W_hf + b_hf), g = tanh(x W_ig + h W_hg + b_hg),
+    o = σ(x W_io + h W_ho + b_ho), c' = f ⊙ c + i ⊙ g, h' = o ⊙ tanh(c').
+
+    Example (same step as flax's ``LSTMCell``, carry ``(c, h)``)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells import cell_step, lstm_spec
+        >>> spec, x = lstm_spec(4), jnp.ones((2, 3))
+        >>> carry = (0.1 * jnp.ones((2, 4)), 0.5 * jnp.ones((2, 4)))
+        >>> params = nn.LSTMCell(4).init(jax.random.key(0), carry, x)["params"]
+        >>> c, h = spec.from_internal(cell_step(spec, params, spec.to_internal(carry), x))
+        >>> (c_ref, h_ref), _ = nn.LSTMCell(4).apply({"params": params}, carry, x)
+        >>> bool(jnp.allclose(c, c_ref, atol=1e-6) and jnp.allclose(h, h_ref, atol=1e-6))
+        True
+    """
     return CellSpec(
         name="lstm",
         units=units,
@@ -418,6 +516,17 @@ def as_cell_spec(cell: Any, params: PyTree | None = None) -> CellSpec:
     ``MGUCell`` (either ``reset_gate``), with any ``gate_fn``/``activation_fn``; ``features``
     gives the number of units.  Other cells (e.g. ``ConvLSTMCell``) raise ``ValueError``: write
     a :class:`CellSpec` for them (module docstring) or use the generic dense path.
+
+    Example::
+
+        >>> import flax.linen as nn
+        >>> from snapjax.cells import as_cell_spec, gru_spec, lstm_spec
+        >>> as_cell_spec(nn.GRUCell(4)) is gru_spec(4), as_cell_spec(nn.OptimizedLSTMCell(4)) is lstm_spec(4)
+        (True, True)
+        >>> as_cell_spec(nn.ConvLSTMCell(4, kernel_size=(3,)))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: unsupported cell ConvLSTMCell: ...
     """
     del params
     if isinstance(cell, CellSpec):

@@ -58,7 +58,21 @@ def _psi(shape: str, x: Array) -> Array:
 
 @functools.lru_cache(maxsize=None)
 def heaviside(shape: str = "triangle", gamma: float = 0.5, epsilon: float = 0.3) -> Callable[[Array], Array]:
-    """Heaviside ``H(x) = 1[x > 0]`` with pseudo-derivative ``γ·ψ(x/ε)`` (a ``jax.custom_jvp``)."""
+    """Heaviside ``H(x) = 1[x > 0]`` with pseudo-derivative ``γ·ψ(x/ε)`` (a ``jax.custom_jvp``).
+
+    Cached: equal arguments return the same function.
+
+    Example (triangle: ``H'(x) = 0.5·max(0, 1 - |x|/0.3)``)::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from snapjax.egru import heaviside
+        >>> H = heaviside("triangle", gamma=0.5, epsilon=0.3)
+        >>> x = jnp.array([-0.6, -0.15, 0.0, 0.15, 0.6])
+        >>> H(x).tolist()
+        [0.0, 0.0, 0.0, 1.0, 1.0]
+        >>> [round(float(d), 3) for d in jax.vmap(jax.grad(H))(x)]
+        [0.0, 0.25, 0.5, 0.25, 0.0]
+    """
     if shape not in PSEUDO_DERIVATIVES:
         raise ValueError(f"unknown pseudo-derivative {shape!r}; expected one of {PSEUDO_DERIVATIVES}")
     if not (gamma >= 0 and epsilon > 0):
@@ -99,7 +113,22 @@ def egru_spec(
     epsilon: float = 0.3,
 ) -> CellSpec:
     """EGRU cell spec: projections ``iu, ir, iz`` (input, bias) and ``hu, hr, hz`` (state),
-    unit parameter ``threshold``; state ``(c, h)``, read-out ``h`` (see module docstring)."""
+    unit parameter ``threshold``; state ``(c, h)``, read-out ``h`` (see module docstring).
+
+    Example (one step: a unit emits ``h = c`` above its threshold, else exactly 0)::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from snapjax.cells import cell_step
+        >>> from snapjax.egru import EGRUCell, egru_spec
+        >>> spec = egru_spec(4)
+        >>> [p.name for p in spec.projections], spec.unit_params, spec.state_dim
+        (['iu', 'ir', 'iz', 'hu', 'hr', 'hz'], ('threshold',), 2)
+        >>> x = jnp.ones((2, 3))
+        >>> params = EGRUCell(4).init(jax.random.key(0), EGRUCell(4).initialize_carry(None, x.shape), x)["params"]
+        >>> c, h = spec.from_internal(cell_step(spec, params, spec.zero_state(2), x))
+        >>> bool(jnp.all(jnp.where(c > params["threshold"], h == c, h == 0)))
+        True
+    """
     H = heaviside(pseudo_derivative, float(gamma), float(epsilon))
     return CellSpec(
         name="egru",
@@ -128,6 +157,21 @@ class EGRUCell(_SpecCell):
       learn_threshold: if ``False`` the threshold gets an exactly zero gradient.
       pseudo_derivative: ``"triangle"`` | ``"rectangle"`` | ``"fast_sigmoid"``.
       gamma, epsilon: height and half-width of the pseudo-derivative.
+
+    Example (the threshold's gradient: nonzero when learned, exactly zero when frozen)::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from snapjax.egru import EGRUCell
+        >>> carry, x = (0.25 * jnp.ones((2, 4)), jnp.zeros((2, 4))), jnp.ones((2, 3))
+        >>> def threshold_grad(cell):
+        ...     params = cell.init(jax.random.key(0), carry, x)["params"]
+        ...     loss = lambda p: cell.apply({"params": p}, carry, x)[1].sum()   # Σ h'
+        ...     return jax.grad(loss)(params)["threshold"]
+        >>> g = threshold_grad(EGRUCell(4, threshold_init=0.2))
+        >>> g.shape, bool(jnp.any(g != 0))
+        ((4,), True)
+        >>> float(jnp.abs(threshold_grad(EGRUCell(4, threshold_init=0.2, learn_threshold=False))).max())
+        0.0
     """
 
     threshold_init: Any = 0.5

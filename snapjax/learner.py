@@ -82,6 +82,18 @@ class OnlineState(NamedTuple):
       skipped: non-finite updates skipped.
       resets: example-steps reset as non-finite.
       excluded: example-steps with invalid targets.
+
+    Example::
+
+        >>> import flax.linen as nn, jax, snapjax as sj
+        >>> learner = sj.OnlineLearner([nn.GRUCell(8), nn.GRUCell(8)], readout_size=3, method=["snap1", "uoro"])
+        >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=4)
+        >>> isinstance(state, sj.OnlineState), sorted(state.params)
+        (True, ['layers_0', 'layers_1', 'layers_2'])
+        >>> [c.shape for c in state.carry], [type(s).__name__ for s in state.method_state]
+        ([(2, 8), (2, 8)], ['InfluenceState', 'UOROState'])
+        >>> int(state.step), int(state.skipped), int(state.resets), int(state.excluded), state.grad_acc
+        (0, 0, 0, 0, None)
     """
 
     params: dict
@@ -131,6 +143,18 @@ class OnlineLearner:
       param_axis: a mesh axis name: :meth:`run` keeps every method state split along its
         parameter axis over it (model-parallel influence, :mod:`snapjax.sharding`); combine
         with ``batch_axis`` for a 2-D mesh.  Place the state with :func:`snapjax.shard_state`.
+
+    Example (a GRU with a 3-class head, SnAp-1, 6 steps of 2 examples; every step updates)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, snapjax as sj
+        >>> learner = sj.OnlineLearner(nn.GRUCell(8), readout_size=3, method="snap1", optimizer=optax.sgd(0.1))
+        >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=4)
+        >>> xs = jax.random.normal(jax.random.key(1), (6, 2, 4))            # (T, B, n_in)
+        >>> ys = jnp.zeros((6, 2), jnp.int32)                               # (T, B) labels
+        >>> before = state.params["layers_0"]["hn"]["kernel"].copy()      # run_jit donates `state`
+        >>> state, outputs, metrics = learner.run_jit(state, xs, ys)
+        >>> outputs.shape, int(state.step), bool(jnp.any(state.params["layers_0"]["hn"]["kernel"] != before))
+        ((6, 2, 3), 6, True)
     """
 
     model: Any

@@ -58,7 +58,18 @@ __all__ = ["lru_spec", "lru_lambda", "LRUCell"]
 
 
 def lru_lambda(params) -> tuple[Array, Array]:
-    """``(Re λ, Im λ)``, each ``(N,)``, from ``params['nu_log']`` and ``params['theta_log']``."""
+    """``(Re λ, Im λ)``, each ``(N,)``, from ``params['nu_log']`` and ``params['theta_log']``:
+    ``λ = exp(−exp(ν_log) + i·exp(θ_log))``.
+
+    Example (``|λ| = exp(−exp(ν_log))``, ``arg λ = exp(θ_log)``)::
+
+        >>> import jax.numpy as jnp
+        >>> from snapjax.lru import lru_lambda
+        >>> params = {"nu_log": jnp.log(jnp.array([0.1, 1.0])), "theta_log": jnp.log(jnp.array([0.5, 3.0]))}
+        >>> re, im = lru_lambda(params)
+        >>> [round(float(r), 4) for r in jnp.hypot(re, im)], [round(float(a), 4) for a in jnp.arctan2(im, re)]
+        ([0.9048, 0.3679], [0.5, 3.0])
+    """
     mag = jnp.exp(-jnp.exp(params["nu_log"]))
     phase = jnp.exp(params["theta_log"])
     return mag * jnp.cos(phase), mag * jnp.sin(phase)
@@ -85,7 +96,18 @@ def _emit_re_im(s: Array) -> Array:
 def lru_spec(units: int, learn_gamma: bool = True) -> CellSpec:
     """LRU cell spec (module docstring): projections ``B_re``, ``B_im`` (input, no bias), unit
     parameters ``nu_log``, ``theta_log`` (+ ``gamma_log`` if ``learn_gamma``), state
-    ``(re, im)``, emits ``concat(re, im)``."""
+    ``(re, im)``, emits ``concat(re, im)``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from snapjax.lru import lru_spec
+        >>> lru_spec(3).unit_params, lru_spec(3, learn_gamma=False).unit_params
+        (('nu_log', 'theta_log', 'gamma_log'), ('nu_log', 'theta_log'))
+        >>> s = jnp.ones((2, 3, 2))                   # (B, N, (re, im))
+        >>> lru_spec(3).output(s).shape, lru_spec(3).layer_output(s).shape
+        ((2, 3), (2, 6))
+    """
     if not isinstance(units, int) or units < 1:
         raise ValueError(f"LRU needs a positive int number of units, got {units!r}")
     return CellSpec(
@@ -120,6 +142,19 @@ class LRUCell(_SpecCell):
       r_min, r_max: ring radii, ``0 <= r_min < r_max <= 1``.
       max_phase: largest initial phase ``exp(θ)``.
       learn_gamma: ``γ`` learnable (``gamma_log``) or computed from ``λ``.
+
+    Example (the initial eigenvalues lie on the ring, ``γ = sqrt(1 − |λ|²)``)::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from snapjax.lru import LRUCell, lru_lambda
+        >>> cell = LRUCell(8, r_min=0.5, r_max=0.9)
+        >>> carry = cell.initialize_carry(jax.random.key(0), (2, 3))
+        >>> params = cell.init(jax.random.key(1), carry, jnp.zeros((2, 3)))["params"]
+        >>> mag = jnp.hypot(*lru_lambda(params))
+        >>> bool(jnp.all((mag >= 0.5 - 1e-6) & (mag <= 0.9 + 1e-6)))
+        True
+        >>> bool(jnp.allclose(jnp.exp(params["gamma_log"]), jnp.sqrt(1 - mag**2), atol=1e-5))
+        True
     """
 
     kernel_init: Callable = nn.initializers.variance_scaling(0.5, "fan_in", "normal")

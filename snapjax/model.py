@@ -178,6 +178,21 @@ class OnlineModel:
 
     Args:
       layers: modules applied in order at every step; at least one is recurrent.
+
+    Example (encoder, GRU, head)::
+
+        >>> import flax.linen as nn, jax
+        >>> from snapjax.model import OnlineModel
+        >>> model = OnlineModel([nn.Dense(8), nn.GRUCell(16), nn.Dense(2)])
+        >>> model.recurrent_flags, [(s.names, s.recurrent) for s in model.stages()]
+        ((False, True, False), [(('layers_0',), False), (('layers_1',), True), (('layers_2',), False)])
+        >>> params = model.init(jax.random.key(0), input_size=3)
+        >>> params["layers_0"]["kernel"].shape, params["layers_1"]["hn"]["kernel"].shape, params["layers_2"]["kernel"].shape
+        ((3, 8), (16, 16), (16, 2))
+        >>> OnlineModel([nn.Dense(8)])
+        Traceback (most recent call last):
+            ...
+        ValueError: OnlineModel needs at least one recurrent layer (a recurrent cell)
     """
 
     layers: tuple

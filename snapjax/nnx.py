@@ -114,6 +114,22 @@ def from_nnx(cell: nnx.Module) -> tuple[CellSpec, dict]:
       arrays, ready for :func:`snapjax.online_method` and optax.
     Raises:
       ValueError: another module type.
+
+    Example (the spec's step on the split parameters is the nnx module's own step)::
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from snapjax.cells import cell_step
+        >>> from snapjax.nnx import from_nnx
+        >>> cell = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+        >>> spec, params = from_nnx(cell)
+        >>> spec.name, sorted(params)
+        ('lstm', ['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io'])
+        >>> carry, x = (jnp.zeros((2, 4)), 0.5 * jnp.ones((2, 4))), jnp.ones((2, 3))
+        >>> (c, h), _ = cell(carry, x)
+        >>> c2, h2 = spec.from_internal(cell_step(spec, params, spec.to_internal(carry), x))
+        >>> bool(jnp.allclose(c, c2, atol=1e-6) and jnp.allclose(h, h2, atol=1e-6))
+        True
     """
     spec, vars_ = _layout(cell)
     params = {name: {leaf: _get(var)[..., cols] for leaf, (var, cols) in leaves.items()} for name, leaves in vars_.items()}
@@ -128,6 +144,22 @@ def to_nnx(cell: nnx.Module, params: PyTree) -> None:
     Raises:
       ValueError: unsupported cell; ``params`` not in the cell's layout (keys, shapes) — nothing
         is written then.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from snapjax.nnx import from_nnx, to_nnx
+        >>> cell = nnx.SimpleCell(3, 4, rngs=nnx.Rngs(0))
+        >>> _, params = from_nnx(cell)
+        >>> doubled = jax.tree.map(lambda a: 2 * a, params)
+        >>> to_nnx(cell, doubled)
+        >>> bool(jnp.array_equal(cell.dense_h.kernel[...], doubled["h"]["kernel"]))
+        True
+        >>> to_nnx(cell, {"i": params["i"]})          # nothing is written
+        Traceback (most recent call last):
+            ...
+        ValueError: vanilla: params keys ['i'] != expected ['h', 'i']
     """
     spec, vars_ = _layout(cell)
     spec.check_params(params)

@@ -49,6 +49,21 @@ class Recurrent:
       init_carry: ``init_carry(batch_size, dtype=float32) -> carry`` of zeros.
       spec: compressed form, or ``None`` for a generic cell.
       module: the object it was built from (a flax module, a spec, ...).
+
+    Example (an LSTM, compressed and forced onto the generic path)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> rec = sj.as_recurrent(nn.LSTMCell(4))
+        >>> rec.name, rec.spec is sj.lstm_spec(4)
+        ('lstm', True)
+        >>> params = rec.init_params(jax.random.key(0), 3)
+        >>> rec.input_size(params), params["hi"]["kernel"].shape
+        (3, (4, 4))
+        >>> c, h = rec.apply(params, rec.init_carry(2), jnp.ones((2, 3)))
+        >>> generic = sj.as_recurrent(nn.LSTMCell(4), generic=True)
+        >>> generic.spec is None, bool(jnp.allclose(generic.output(generic.apply(params, (c, h), jnp.ones((2, 3)))),
+        ...                                         rec.output(rec.apply(params, (c, h), jnp.ones((2, 3)))), atol=1e-6))
+        (True, True)
     """
 
     name: str
@@ -118,6 +133,29 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
 
     Raises:
       ValueError: ``cell`` is neither a supported cell nor a flax module.
+
+    Example (a flax module without a compressed form takes the generic path)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.recurrent import as_recurrent
+        >>> class NormGRU(nn.Module):                 # a GRU with layer norm: mixes the units
+        ...     features: int
+        ...     @nn.compact
+        ...     def __call__(self, carry, x):
+        ...         h = nn.LayerNorm()(nn.GRUCell(self.features)(carry, x)[0])
+        ...         return h, h
+        ...     def initialize_carry(self, rng, input_shape):
+        ...         return jnp.zeros(input_shape[:-1] + (self.features,))
+        >>> rec = as_recurrent(NormGRU(4))
+        >>> rec.name, rec.spec is None
+        ('NormGRU', True)
+        >>> params = rec.init_params(jax.random.key(0), 3)
+        >>> rec.output(rec.apply(params, rec.init_carry(2), jnp.ones((2, 3)))).shape
+        (2, 4)
+        >>> as_recurrent("gru")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: unsupported cell str: ...
     """
     if isinstance(cell, Recurrent):
         return cell

@@ -41,7 +41,20 @@ __all__ = ["SequenceGradient", "online_gradient", "bptt_gradient"]
 class SequenceGradient(NamedTuple):
     """Result of a driver: ``loss`` (scalar Σ_t L_t), ``grads`` (parameter-shaped), ``outputs``
     (``(T, B, features)``), ``final_carry`` (flax layout) and ``final_method_state`` (to continue
-    a stream chunk by chunk; ``None`` for BPTT)."""
+    a stream chunk by chunk; ``None`` for BPTT).
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+        >>> xs, ys = jnp.ones((5, 2, 3)), jnp.zeros((5, 2, 4))
+        >>> res = sj.bptt_gradient(cell, params, None, xs, ys, lambda y, t: jnp.sum((y - t) ** 2))
+        >>> isinstance(res, sj.SequenceGradient), res.loss.shape, res.outputs.shape, res.final_carry.shape
+        (True, (), (5, 2, 4), (2, 4))
+        >>> res.final_method_state is None
+        True
+    """
 
     loss: Array
     grads: PyTree
@@ -76,12 +89,29 @@ def online_gradient(
       carry: initial flax carry (``None``: zeros).  xs: ``(T, B, n_in)``; ys: pytree with leading
         axis ``T``.  loss_fn: ``loss_fn(y_t, target_t) -> scalar``.
       method_state: initial method state (``None``: ``method.init``; ``key`` seeds UORO).
-      batch_axis, param_axis: mesh axes of the context mesh (``jax.set_mesh``) over which the
-        examples and the method state's parameter axis are split (:mod:`snapjax.sharding`;
-        place the inputs with :func:`snapjax.put_sharded` and :func:`snapjax.method_specs`):
-        the state is kept in that layout after every step; Explicit axes are run as Auto.
+      batch_axis: mesh axis of the context mesh (``jax.set_mesh``) over which the examples are
+        split (:mod:`snapjax.sharding`; place the inputs with :func:`snapjax.put_sharded` and
+        :func:`snapjax.method_specs`).
+      param_axis: mesh axis over which the method state's parameter axis is split.  With either
+        axis the state is kept in that layout after every step; Explicit axes are run as Auto.
     Windowed methods (truncated BPTT, chunked RTRL) contribute at the end of each window; a
     trailing partial window is closed with the method's ``flush`` when it has one.
+
+    Example (a stream in two chunks, carry and method state passed on, gives the gradient of
+    one call over the whole stream)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+        >>> xs, ys = jax.random.normal(jax.random.key(1), (6, 2, 3)), jnp.zeros((6, 2, 4))
+        >>> loss = lambda y, t: jnp.sum((y - t) ** 2)
+        >>> method = sj.online_method("snap1", cell, params)
+        >>> whole = sj.online_gradient(method, params, None, xs, ys, loss)
+        >>> a = sj.online_gradient(method, params, None, xs[:3], ys[:3], loss)
+        >>> b = sj.online_gradient(method, params, a.final_carry, xs[3:], ys[3:], loss, a.final_method_state)
+        >>> summed = jax.tree.map(jnp.add, a.grads, b.grads)
+        >>> all(bool(jnp.allclose(u, v, atol=1e-5)) for u, v in zip(jax.tree.leaves(summed), jax.tree.leaves(whole.grads)))
+        True
     """
     batch = _batch(xs)
     dtype = jnp.result_type(xs)
@@ -132,7 +162,21 @@ def bptt_gradient(
     """Reference: ``jax.value_and_grad`` of ``Σ_t loss_fn(y_t, target_t)`` through ``lax.scan``.
 
     ``masks`` (static 0/1 per projection, like the methods') multiply the kernels in the forward
-    pass, so masked weights get the gradient of the masked model."""
+    pass, so masked weights get the gradient of the masked model (exactly zero).
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+        >>> xs, ys = jnp.ones((5, 2, 3)), jnp.zeros((5, 2, 4))
+        >>> loss = lambda y, t: jnp.sum((y - t) ** 2)
+        >>> keep = np.eye(4, dtype=bool)                  # W_hn: the diagonal only
+        >>> res = sj.bptt_gradient(cell, params, None, xs, ys, loss, masks={"hn": keep})
+        >>> g = res.grads["hn"]["kernel"]
+        >>> bool(jnp.all(g[~keep] == 0)), bool(jnp.all(g[keep] != 0))
+        (True, True)
+    """
     rec = as_recurrent(cell)
     batch = _batch(xs)
     carry = rec.init_carry(batch, jnp.result_type(xs)) if carry is None else carry

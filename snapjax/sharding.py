@@ -98,7 +98,8 @@ def method_specs(
 
     Args:
       method: the method.  state: its state (arrays or ``jax.ShapeDtypeStruct``).
-      batch_axis, param_axis: mesh axis names, or ``None`` (not split that way).
+      batch_axis: a mesh axis name for the examples, or ``None`` (not split that way).
+      param_axis: a mesh axis name for the parameter axis, or ``None`` (not split that way).
       mesh: if given, every split axis must be divisible by the mesh axis size.
       batch_size: if given, every declared batch axis must have this length.
     Raises:
@@ -112,8 +113,9 @@ def method_specs(
         >>> params = cell.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
         >>> method = sj.online_method("rtrl", cell, params)
         >>> specs = sj.method_specs(method, method.init(2), batch_axis="batch", param_axis="model")
-        >>> specs.influence["hn"]["kernel"]  # J (B, rows, units, K, m): examples, and kernel columns
-        PartitionSpec('batch', None, 'model')
+        >>> P = jax.sharding.PartitionSpec
+        >>> specs.influence["hn"]["kernel"] == P("batch", None, "model")  # J (B, rows, units, K, m)
+        True
     """
     sizes = {} if mesh is None else _axis_sizes(mesh, batch_axis, param_axis)
     leaves, treedef = jax.tree.flatten(state)
@@ -159,6 +161,19 @@ def state_specs(learner: Any, state: Any, mesh: Any = None, *, batch: bool = Tru
     Raises:
       ValueError: as :func:`method_specs`; with ``mesh``: an axis the mesh does not have, or a
         batch or parameter axis not divisible by the mesh axis size.
+
+    Example (a 1 × 1 mesh: the specs are those of any batch × parameter mesh)::
+
+        >>> import flax.linen as nn, jax, snapjax as sj
+        >>> learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method="rtrl",
+        ...                            batch_axis="batch", param_axis="model")
+        >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+        >>> specs = sj.state_specs(learner, state, jax.make_mesh((1, 1), ("batch", "model")))
+        >>> P = jax.sharding.PartitionSpec
+        >>> specs.carry == (P("batch"),), specs.step == P(), specs.params["layers_1"]["kernel"] == P()
+        (True, True, True)
+        >>> specs.method_state[0].influence["hn"]["bias"] == P("batch", "model")  # J (B, units, K, m)
+        True
     """
     b = learner.batch_axis if batch else None
     p = learner.param_axis if params else None
@@ -187,8 +202,8 @@ def put_sharded(tree: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
         >>> import jax, jax.numpy as jnp, snapjax as sj
         >>> mesh = jax.make_mesh((1,), ("batch",))
         >>> xs = sj.put_sharded(jnp.ones((5, 4, 3)), mesh, jax.sharding.PartitionSpec(None, "batch"))
-        >>> xs.sharding.spec
-        PartitionSpec(None, 'batch')
+        >>> xs.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
+        True
     """
     from snapjax.methods.base import is_key
 
@@ -212,6 +227,16 @@ def shard_state(learner: Any, state: Any, mesh: Mesh) -> Any:
 
     Raises:
       ValueError: the learner has neither axis, or as :func:`state_specs` (with ``mesh``).
+
+    Example::
+
+        >>> import flax.linen as nn, jax, snapjax as sj
+        >>> learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, batch_axis="batch")
+        >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+        >>> placed = sj.shard_state(learner, state, jax.make_mesh((1,), ("batch",)))
+        >>> P = jax.sharding.PartitionSpec
+        >>> placed.carry[0].sharding.spec == P("batch"), placed.params["layers_1"]["kernel"].sharding.spec == P()
+        (True, True)
     """
     if learner.batch_axis is None and learner.param_axis is None:
         raise ValueError("shard_state needs a mesh axis: OnlineLearner(..., batch_axis='batch') and/or param_axis='model'")

@@ -74,6 +74,19 @@ def random_masks(
 
     Returns:
       ``{projection name: bool array (n_in, units)}`` (each matrix drawn independently).
+
+    Example (GRU with 8 units and 4 inputs, density 1/4)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.sparsity import random_masks
+        >>> params = nn.GRUCell(8).init(jax.random.key(0), jnp.zeros((1, 8)), jnp.zeros((1, 4)))["params"]
+        >>> masks = random_masks(0, params, 0.25)
+        >>> sorted(masks), masks["hn"].shape
+        (['hn', 'hr', 'hz', 'in', 'ir', 'iz'], (8, 8))
+        >>> masks["hn"].sum(axis=0).tolist()          # fan_in: 2 of 8 inputs kept per unit
+        [2, 2, 2, 2, 2, 2, 2, 2]
+        >>> sorted(random_masks(0, params, 0.25, include_input=False))
+        ['hn', 'hr', 'hz']
     """
     density = float(density)
     if not 0.0 < density <= 1.0:
@@ -100,7 +113,18 @@ def random_masks(
 
 
 def apply_masks(params: PyTree, masks: Mapping[str, Any] | None) -> PyTree:
-    """Zero the masked kernel entries (jittable; masks are static NumPy arrays)."""
+    """Zero the masked kernel entries (jittable; masks are static NumPy arrays):
+    ``params[name]['kernel'] ⊙ masks[name]``; biases and other leaves are unchanged.
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+        >>> from snapjax.sparsity import apply_masks
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> masked = apply_masks(params, {"hn": np.eye(4, dtype=bool)})
+        >>> int(jnp.count_nonzero(masked["hn"]["kernel"])), bool(jnp.array_equal(masked["hn"]["bias"], params["hn"]["bias"]))
+        (4, True)
+    """
     if masks is None:
         return params
     out = dict(params)
@@ -117,7 +141,20 @@ def apply_masks(params: PyTree, masks: Mapping[str, Any] | None) -> PyTree:
 def mask_updates(updates: PyTree, masks: Mapping[str, Any] | None) -> PyTree:
     """Zero the masked entries of an update/gradient pytree (e.g. optax updates) so that
     masked weights stay exactly zero: ``params = optax.apply_updates(params,
-    mask_updates(updates, masks))``.  Same as :func:`apply_masks` on the update tree."""
+    mask_updates(updates, masks))``.  Same as :func:`apply_masks` on the update tree.
+
+    Example (a pruned weight stays exactly zero after an optimizer step)::
+
+        >>> import jax, jax.numpy as jnp, numpy as np, optax
+        >>> from snapjax.sparsity import apply_masks, mask_updates
+        >>> masks = {"h": np.array([[True, False], [False, True]])}
+        >>> params = apply_masks({"h": {"kernel": jnp.ones((2, 2))}}, masks)
+        >>> grads = {"h": {"kernel": jnp.ones((2, 2))}}
+        >>> updates, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params))
+        >>> params = optax.apply_updates(params, mask_updates(updates, masks))
+        >>> [[round(float(w), 2) for w in row] for row in params["h"]["kernel"]]
+        [[0.9, 0.0], [0.0, 0.9]]
+    """
     return apply_masks(updates, masks)
 
 
@@ -127,6 +164,17 @@ def density_report(params: PyTree, masks: Mapping[str, Any] | None) -> dict:
     Returns ``{"kernels": {name: {"nonzero", "size", "density"}}, "kernel_density",
     "nonzero_params", "total_params", "overall_density"}``; ``kernel_density`` counts only
     kernels, ``overall_density`` all parameters (biases/unit parameters count as dense).
+
+    Example (GRU with 8 units and 4 inputs at density 1/4: 320 parameters, 32 of them biases)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.sparsity import density_report, random_masks
+        >>> params = nn.GRUCell(8).init(jax.random.key(0), jnp.zeros((1, 8)), jnp.zeros((1, 4)))["params"]
+        >>> report = density_report(params, random_masks(0, params, 0.25))
+        >>> report["kernels"]["hn"]
+        {'nonzero': 16, 'size': 64, 'density': 0.25}
+        >>> report["kernel_density"], report["nonzero_params"], report["total_params"], report["overall_density"]
+        (0.25, 104, 320, 0.325)
     """
     masks = masks or {}
     kernels = {}
@@ -160,6 +208,18 @@ def snap_pattern_size(cell: Any, params: PyTree, masks: Mapping[str, Any] | None
     reset-gate parameters of unit ``u`` influence nothing (see :mod:`snapjax.patterns`).  The memory actually stored, padding included, is
     ``influence_tracker(...).num_stored()`` (≥ this; equal for SnAp-1 with
     ``random_masks(..., fan_in=True)``).  Multiply by the dtype size and the batch for bytes.
+
+    Example (GRU with ``k = 4`` units and ``p = 100`` parameters: SnAp-1 keeps one entry per
+    parameter, RTRL all ``k·p``; a mask shrinks both)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+        >>> from snapjax.sparsity import snap_pattern_size
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> [snap_pattern_size(cell, params, None, n) for n in (1, 2, None)]
+        [100, 400, 400]
+        >>> snap_pattern_size(cell, params, {"hn": np.eye(4, dtype=bool)}, 1)     # 12 of W_hn's 16 masked
+        88
     """
     from snapjax.influence import influence_tracker
 

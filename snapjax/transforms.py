@@ -69,6 +69,21 @@ class SkipNonFiniteState(NamedTuple):
       last_finite: bool scalar, whether the last update was finite (applied).
       consecutive_skipped: int32 scalar, skips since the last applied update.
       total_skipped: int32 scalar, skips since ``init``.
+
+    Example (two bad gradients in a row, then a good one)::
+
+        >>> import jax.numpy as jnp, optax
+        >>> from snapjax.transforms import SkipNonFiniteState, skip_nonfinite
+        >>> tx, params = skip_nonfinite(optax.sgd(0.1)), {"w": jnp.ones(2)}
+        >>> state = tx.init(params)
+        >>> isinstance(state, SkipNonFiniteState), bool(state.last_finite)
+        (True, True)
+        >>> for g in (jnp.nan, jnp.inf, 1.0):
+        ...     _, state = tx.update({"w": jnp.full(2, g)}, state, params)
+        ...     print(bool(state.last_finite), int(state.consecutive_skipped), int(state.total_skipped))
+        False 1 1
+        False 2 2
+        True 0 2
     """
 
     inner_state: PyTree
@@ -88,6 +103,19 @@ def skip_nonfinite(inner: optax.GradientTransformation | None = None) -> optax.G
         identity (then the transform just zeroes non-finite updates and counts them).
     Returns:
       an ``optax.GradientTransformationExtraArgs`` with state :class:`SkipNonFiniteState`.
+
+    Example::
+
+        >>> import jax.numpy as jnp, optax
+        >>> from snapjax.transforms import skip_nonfinite
+        >>> tx, params = skip_nonfinite(optax.sgd(0.1)), {"w": jnp.ones(2)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, state, params)
+        >>> updates["w"].tolist(), int(state.total_skipped)          # skipped: zero updates
+        ([0.0, 0.0], 1)
+        >>> updates, state = tx.update({"w": jnp.array([1.0, 2.0])}, state, params)
+        >>> [round(float(u), 2) for u in updates["w"]], int(state.total_skipped)
+        ([-0.1, -0.2], 1)
     """
     inner = optax.with_extra_args_support(inner if inner is not None else optax.identity())
 
@@ -121,7 +149,21 @@ def skip_nonfinite(inner: optax.GradientTransformation | None = None) -> optax.G
 
 def skipped_count(opt_state: PyTree) -> jax.Array | None:
     """Total skips recorded by the outermost :class:`SkipNonFiniteState` found in ``opt_state``
-    (searching depth-first through tuples); ``None`` if there is none."""
+    (searching depth-first through tuples); ``None`` if there is none.
+
+    Example::
+
+        >>> import jax.numpy as jnp, optax
+        >>> from snapjax.transforms import skip_nonfinite, skipped_count
+        >>> params = {"w": jnp.ones(2)}
+        >>> tx = optax.chain(optax.clip(1.0), skip_nonfinite(optax.adam(1e-3)))
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": jnp.full(2, jnp.nan)}, state, params)
+        >>> int(skipped_count(state))
+        1
+        >>> skipped_count(optax.adam(1e-3).init(params)) is None
+        True
+    """
     if isinstance(opt_state, SkipNonFiniteState):
         return opt_state.total_skipped
     if isinstance(opt_state, (tuple, list)):
@@ -146,6 +188,16 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformationExtraArgs:
         through unchanged).  Being static, masks are closed over as constants.
     Returns:
       a stateless ``optax.GradientTransformationExtraArgs``.
+
+    Example (the masked weight keeps its value even under weight decay)::
+
+        >>> import jax.numpy as jnp, numpy as np, optax
+        >>> from snapjax.transforms import masked_updates
+        >>> params = {"w": jnp.array([1.0, 0.5]), "b": jnp.ones(1)}
+        >>> tx = optax.chain(optax.adamw(0.1, weight_decay=0.1), masked_updates({"w": np.array([True, False]), "b": None}))
+        >>> updates, _ = tx.update({"w": jnp.ones(2), "b": jnp.ones(1)}, tx.init(params), params)
+        >>> optax.apply_updates(params, updates)["w"][1].item(), bool(updates["b"][0] != 0)
+        (0.5, True)
     """
 
     def is_none(x):
@@ -183,6 +235,15 @@ class AccumulateOnlineState(NamedTuple):
       mini_step: int32 scalar in ``[0, every_k)``, calls since the last inner update.
       acc_grads: accumulated gradients (parameter-shaped).
       inner_state: the inner transformation's state.
+
+    Example::
+
+        >>> import jax.numpy as jnp, optax
+        >>> from snapjax.transforms import AccumulateOnlineState, accumulate_online
+        >>> tx, params = accumulate_online(optax.sgd(1.0), every_k=3), {"w": jnp.zeros(2)}
+        >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+        >>> isinstance(state, AccumulateOnlineState), int(state.mini_step), state.acc_grads["w"].tolist()
+        (True, 1, [1.0, 1.0])
     """
 
     mini_step: jax.Array
@@ -205,6 +266,19 @@ def accumulate_online(
       inner: transformation applied once per window (e.g. ``optax.adam(1e-3)``).
       every_k: window length ``k >= 1``.
       mean: average instead of sum.
+
+    Example (SGD with rate 1 on the sum of three gradients, once every 3 calls)::
+
+        >>> import jax.numpy as jnp, optax
+        >>> from snapjax.transforms import accumulate_online
+        >>> tx, params = accumulate_online(optax.sgd(1.0), every_k=3), {"w": jnp.zeros(2)}
+        >>> state = tx.init(params)
+        >>> for g in (1.0, 2.0, 3.0):
+        ...     updates, state = tx.update({"w": jnp.full(2, g)}, state, params)
+        ...     print(updates["w"].tolist())
+        [0.0, 0.0]
+        [0.0, 0.0]
+        [-6.0, -6.0]
     """
     if not isinstance(every_k, (int, np.integer)) or every_k < 1:
         raise ValueError(f"every_k must be a positive int, got {every_k!r}")

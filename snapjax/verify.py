@@ -160,6 +160,18 @@ def verify_spec(spec: CellSpec, params: PyTree, masks: PyTree | None = None, *, 
       ValueError: bad ``params``/``masks`` layout; ``phi`` mixes units or examples ("the update
         mixes units (phi is not unit-wise)"); the step disagrees with the projections
         ("projections disagree with the parameters"); non-finite values at the random point.
+
+    Example (the module docstring shows a ``phi`` that mixes units being refused)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells import gru_spec
+        >>> from snapjax.verify import verify_spec
+        >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> verify_spec(gru_spec(4), params, {"hn": jnp.eye(4)})    # silent: exact, masks too
+        >>> verify_spec(gru_spec(5), params)
+        Traceback (most recent call last):
+            ...
+        ValueError: gru: params['ir']['kernel'] must have shape (n_in, 5), got (3, 4)
     """
     if not isinstance(spec, CellSpec):
         raise ValueError(f"verify_spec needs a CellSpec, got {type(spec).__name__}")

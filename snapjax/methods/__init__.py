@@ -140,6 +140,21 @@ def online_method(
     Raises:
       ValueError: unknown method, option that does not apply, unsupported cell, a user cell
         whose compressed Jacobians disagree with autodiff.
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> cell = nn.GRUCell(4)
+        >>> params = cell.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
+        >>> [sj.online_method(m, cell, params).name for m in ("rtrl", "snap1", "snap2", "uoro")]
+        ['rtrl', 'snap1', 'snap2', 'uoro']
+        >>> [sj.online_method(m, cell, params, **kw).period
+        ...  for m, kw in [("tbptt", {"window": 8}), ("rtrl", {"chunk": 4}), ("snap1", {})]]
+        [8, 4, 1]
+        >>> sj.online_method("bptt", cell, params)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown method 'bptt': ...; known methods: 'rtrl', 'snap1', 'snap2', 'snapN', 'uoro', 'tbptt', 'activity'
     """
     kind, n = check_options(name, n, window, strict=strict_options)
     if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):

@@ -174,19 +174,22 @@ class OnlineMethod(abc.ABC):
         >>> method = sj.online_method("rtrl", cell, params)
         >>> isinstance(method, sj.OnlineMethod), method.period
         (True, 1)
-        >>> carry, state = method.init_carry(2), method.init(2)
-        >>> total = jax.tree.map(jnp.zeros_like, params)
-        >>> for x in xs:                              # ∂L_t/∂h_t = 1
-        ...     carry, state, _ = method.step(params, carry, state, x)
-        ...     g, state = method.gradient(params, state, jnp.ones_like(carry))
-        ...     total = jax.tree.map(jnp.add, total, g)
+        >>> @jax.jit
+        ... def online(params):                       # Σ_t of the per-step gradients
+        ...     carry, state = method.init_carry(2), method.init(2)
+        ...     total = jax.tree.map(jnp.zeros_like, params)
+        ...     for x in xs:                          # ∂L_t/∂h_t = 1
+        ...         carry, state, _ = method.step(params, carry, state, x)
+        ...         g, state = method.gradient(params, state, jnp.ones_like(carry))
+        ...         total = jax.tree.map(jnp.add, total, g)
+        ...     return total
         >>> def unrolled(p):
         ...     h, loss = jnp.zeros((2, 4)), 0.0
         ...     for x in xs:
         ...         h = cell.apply({"params": p}, h, x)[0]
         ...         loss = loss + h.sum()
         ...     return loss
-        >>> ref = jax.grad(unrolled)(params)
+        >>> total, ref = online(params), jax.jit(jax.grad(unrolled))(params)
         >>> all(bool(jnp.allclose(a, b, atol=1e-5)) for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(ref)))
         True
     """

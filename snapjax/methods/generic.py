@@ -426,11 +426,12 @@ def dense_method(
 
     Example (exact RTRL on the dense path equals the compressed RTRL of the same GRU)::
 
-        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> import functools, flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
         >>> cell = nn.GRUCell(3)
         >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
         >>> xs = jax.random.normal(jax.random.key(1), (2, 2, 2))        # (T, B, n_in)
-        >>> def summed_gradient(method):                              # loss Σ_t Σ h_t
+        >>> @functools.partial(jax.jit, static_argnums=0)              # methods are static
+        ... def summed_gradient(method):                              # loss Σ_t Σ h_t
         ...     carry, state = method.init_carry(2), method.init(2)
         ...     total = jax.tree.map(jnp.zeros_like, params)
         ...     for x in xs:

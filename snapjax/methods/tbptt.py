@@ -60,6 +60,19 @@ class TBPTTState(NamedTuple):
       pending: ``(B,)`` bool, a reset requested for the next step.
       stepped: bool scalar, a step was taken and its ``gradient`` is due.
       pos: int32 scalar, position of the next step in the window.
+
+    Example (window 3, batch 2, GRU with 3 units and 2 inputs)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> params = nn.GRUCell(3).init(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1, 2)))["params"]
+        >>> tb = sj.online_method("tbptt", nn.GRUCell(3), params, window=3)
+        >>> st = tb.init(2)
+        >>> st.xs.shape, st.zero_in.shape, st.start.shape, int(st.pos)
+        ((3, 2, 2), (3, 2), (2, 3), 0)
+        >>> carry, st, _ = tb.step(params, tb.init_carry(2), st, jnp.ones((2, 2)))
+        >>> _, st = tb.gradient(params, st, jnp.ones((2, 3)))
+        >>> int(st.pos), bool(st.stepped)
+        (1, False)
     """
 
     start: PyTree
