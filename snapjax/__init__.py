@@ -23,6 +23,7 @@ from snapjax.cells import (
 )
 from snapjax.activity import ActivityInfluence, ActivitySparseRTRL, step_cost
 from snapjax.checkpoint import restore_state, save_state, state_from_bytes, state_to_bytes
+from snapjax.sharded_checkpoint import restore_sharded, save_sharded
 from snapjax.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
 from snapjax.learner import OnlineLearner, OnlineState
 from snapjax.lru import LRUCell, lru_lambda, lru_spec
@@ -66,7 +67,7 @@ __all__ = [
     "shard_state", "state_specs", "method_specs", "put_sharded",
     "skip_nonfinite", "masked_updates", "accumulate_online", "skipped_count",
     "SkipNonFiniteState", "AccumulateOnlineState",
-    "save_state", "restore_state", "state_to_bytes", "state_from_bytes",
+    "save_state", "restore_state", "state_to_bytes", "state_from_bytes", "save_sharded", "restore_sharded",
     # sparsity
     "random_masks", "apply_masks", "mask_updates", "density_report", "snap_pattern_size",
 ]

@@ -223,7 +223,9 @@ def put_sharded(tree: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
 def shard_state(learner: Any, state: Any, mesh: Mesh) -> Any:
     """``state`` placed on ``mesh`` by :func:`state_specs`: per-example leaves split over
     ``learner.batch_axis``, influence leaves over ``learner.param_axis``, the rest replicated.
-    Works across processes (:func:`put_sharded`).
+    Works across processes (:func:`put_sharded`).  The result may share buffers with ``state``
+    (``jax.device_put`` reuses a buffer already where it belongs), and ``learner.run_jit``
+    donates its input: after running the placed state, do not reuse ``state``.
 
     Raises:
       ValueError: the learner has neither axis, or as :func:`state_specs` (with ``mesh``).
