@@ -50,7 +50,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from snapjax.cells import CellSpec, Projection, _cached_spec, _SpecCell
+from snapjax.cell_specs import _cached_spec
+from snapjax.cells import CellSpec, Projection, _SpecCell
 
 Array = jax.Array
 
