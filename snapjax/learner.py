@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,7 @@ from jax import lax
 from snapjax.losses import Loss, get_loss
 from snapjax.methods import OnlineMethod, check_options, online_method, uses_window
 from snapjax.methods.base import check_batch_size, finite_examples, finite_examples_of_methods, select_examples, typed_key
+from snapjax.online_state import OnlineState, initial_params
 from snapjax.model import (
     OnlineModel,
     Stage,
@@ -63,51 +64,6 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = ["OnlineLearner", "OnlineState"]
-
-
-class OnlineState(NamedTuple):
-    """Everything needed to continue (or resume) an online run; a pytree.
-
-    Attributes:
-      params: ``{"layers_i": ...}``.
-      opt_state: of ``chain(optimizer, masked_updates)`` (the optimizer alone without masks)
-        (:meth:`OnlineLearner.optimizer_state` returns the user optimizer's own state).
-      carry: tuple of flax carries, one per recurrent stage (batch axis 0).
-      method_state: tuple of method states, one per recurrent stage.
-      grad_acc: gradients summed since the last update (``None`` when ``update_every == 1``).
-      loss_acc: loss summed since the last update.
-      scored: a scored example since the last update.
-      step: int32, steps seen.
-      key: PRNG key.
-      skipped: non-finite updates skipped.
-      resets: example-steps reset as non-finite.
-      excluded: example-steps with invalid targets.
-
-    Example::
-
-        >>> import flax.linen as nn, jax, snapjax as sj
-        >>> learner = sj.OnlineLearner([nn.GRUCell(8), nn.GRUCell(8)], readout_size=3, method=["snap1", "uoro"])
-        >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=4)
-        >>> isinstance(state, sj.OnlineState), sorted(state.params)
-        (True, ['layers_0', 'layers_1', 'layers_2'])
-        >>> [c.shape for c in state.carry], [type(s).__name__ for s in state.method_state]
-        ([(2, 8), (2, 8)], ['InfluenceState', 'UOROState'])
-        >>> int(state.step), int(state.skipped), int(state.resets), int(state.excluded), state.grad_acc
-        (0, 0, 0, 0, None)
-    """
-
-    params: dict
-    opt_state: Any
-    carry: tuple
-    method_state: tuple
-    grad_acc: Any
-    loss_acc: Array
-    scored: Array
-    step: Array
-    key: Array
-    skipped: Array
-    resets: Array
-    excluded: Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -304,28 +260,7 @@ class OnlineLearner:
         self._check_positive("input_size", input_size)
         key = typed_key(key)
         k_init, k_state = jax.random.split(key)
-        model = self._model
-        if isinstance(params, Mapping) and set(params) == {"params"}:
-            params = params["params"]
-        given = {}
-        if params is not None:
-            params = dict(params)
-            if all(k.startswith("layers_") for k in params):
-                given = params
-            else:
-                first = model.recurrent_flags.index(True)
-                given = {f"layers_{first}": params}
-        fresh = model.init(k_init, input_size, given=jax.tree.map(jnp.asarray, given))
-        unknown = set(given) - set(model.names)
-        if unknown:
-            raise ValueError(f"params for unknown layers {sorted(unknown)}; the model has {list(model.names)}")
-        params = {**fresh, **jax.tree.map(jnp.asarray, given)}
-        for name in given:
-            if jax.tree.structure(given[name]) != jax.tree.structure(fresh.get(name)):  # type: ignore[operator]
-                raise ValueError(f"params[{name!r}] do not have the layer's structure {jax.tree.structure(fresh.get(name))}")
-            for a, b in zip(jax.tree.leaves(given[name]), jax.tree.leaves(fresh[name])):
-                if jnp.shape(a) != jnp.shape(b):
-                    raise ValueError(f"params[{name!r}] leaf of shape {jnp.shape(a)}, the layer expects {jnp.shape(b)}")
+        params = initial_params(self._model, params, k_init, input_size)
         masks = param_masks(self._stages, self.masks, params)
         params = jax.tree.map(lambda p, m: p if m is None else p * jnp.asarray(m, p.dtype), params, masks,
                               is_leaf=lambda x: x is None)
