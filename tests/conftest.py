@@ -1,7 +1,24 @@
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+"""Shared fixtures and helpers of the test suite.
+
+Compile time dominates this suite (hundreds of small XLA programs, each a few steps on a few
+units), so the tests ask XLA's CPU backend for its cheapest code generation: optimisation level
+0 and no expensive LLVM passes. That cuts the compile time by about a third and changes no
+result the tests check (the same program, less optimised machine code). It is
+set before jax's backend starts (the first array op); flags already in ``XLA_FLAGS`` win.
+"""
+
+import os
+
+_FAST_COMPILE = {"--xla_backend_optimization_level": "0", "--xla_llvm_disable_expensive_passes": "true"}
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_flags] + [f"{k}={v}" for k, v in _FAST_COMPILE.items() if k not in _flags]
+).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture
