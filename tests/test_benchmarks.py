@@ -129,9 +129,16 @@ def test_tbptt_windows_align_with_each_sequence(x64):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_copy_task_tiny_end_to_end(tmp_path):
+COPY_LABELS = {"snap2": "SnAp-2", "uoro": "UORO", "tbptt": "TBPTT-4"}
+
+
+# One method is the fast check of the driver end to end; the three-method run (one table, one
+# figure for all) is slow.
+@pytest.mark.parametrize("methods", [("snap2",), pytest.param(("snap2", "uoro", "tbptt"), marks=pytest.mark.slow)],
+                         ids=["snap2", "three_methods"])
+def test_copy_task_tiny_end_to_end(tmp_path, methods):
     cfg = copy_task.CopyConfig(
-        methods=("snap2", "uoro", "tbptt"), densities=(0.25,), seeds=(0,), units=6,
+        methods=methods, densities=(0.25,), seeds=(0,), units=6,
         batch_size=4, lr=1e-2, token_budget=400, time_budget_s=NO_TIME_CAP, max_length=8, window=2,
         tbptt_window=4, chunk=8, log_every=2, mode="test",
     )
@@ -149,7 +156,7 @@ def test_copy_task_tiny_end_to_end(tmp_path):
         assert np.all(np.isfinite(losses)) and np.all(losses >= 0) and np.all(losses < 5)
         assert r["updates"] > 0
     md = (tmp_path / "copy_task_test.md").read_text()
-    assert "SnAp-2" in md and "UORO" in md and "TBPTT-4" in md and "png" in md
+    assert all(COPY_LABELS[m] in md for m in methods) and "png" in md
     assert res["png"].name == "copy_task_test.png"
 
 
@@ -168,10 +175,12 @@ def test_char_batches_for_lm():
     np.testing.assert_array_equal(b.inputs[1, 0], b.targets[0, -1])  # windows continue
 
 
-def test_char_lm_tiny_end_to_end(tmp_path):
+@pytest.mark.parametrize("methods", [("snap1",), pytest.param(("snap1", "tbptt"), marks=pytest.mark.slow)],
+                         ids=["snap1", "two_methods"])
+def test_char_lm_tiny_end_to_end(tmp_path, methods):
     corpus = _tiny_corpus()
     cfg = char_lm.CharConfig(
-        methods=("snap1", "tbptt"), densities=(0.5,), seeds=(0,), units=8, batch_size=4, window=8,
+        methods=methods, densities=(0.5,), seeds=(0,), units=8, batch_size=4, window=8,
         lr=1e-2, char_budget=1_000, time_budget_s=NO_TIME_CAP, eval_every=320, val_chars=200, val_batch=2,
         mode="test",
     )
@@ -180,6 +189,7 @@ def test_char_lm_tiny_end_to_end(tmp_path):
         assert (tmp_path / f"char_lm_test.{suffix}").stat().st_size > 0
     data = json.loads((tmp_path / "char_lm_test.json").read_text())
     assert data["vocab_size"] == corpus.vocab_size
+    assert [r["method"] for r in data["runs"]] == list(methods)
     for r in data["runs"]:
         h = r["history"]
         assert r["chars"] >= cfg.char_budget and len(h["chars"]) == len(h["val_bpc"]) >= 3
@@ -189,20 +199,34 @@ def test_char_lm_tiny_end_to_end(tmp_path):
         assert vb[-1] < vb[0]  # learns something (letter frequencies) within 1,000 chars
 
 
-def test_activity_tiny_end_to_end(tmp_path):
-    """benchmarks/activity.py: trains, times the three exact trackers and writes its JSON; the
-    three give the same update (float32) and the reported alpha / capacities are sane."""
+def _activity_rows(tmp_path, densities: list[str]) -> list[dict]:
+    """benchmarks/activity.py at the given densities: trains, times the three exact trackers and
+    writes its JSON; per row, the three give the same update (float32) and the reported alpha /
+    capacities / timings / sizes are sane."""
     out = tmp_path / "activity.json"
     activity.main([
-        "--units", "8", "--densities", "1.0", "0.5", "--thresholds", "0.3:0.6", "--train-batches", "3",
+        "--units", "8", "--densities", *densities, "--thresholds", "0.3:0.6", "--train-batches", "3",
         "--time-batches", "1", "--repeats", "1", "--block", "3", "--no-progress", "--out", str(out),
     ])
     rows = json.loads(out.read_text())["results"]
-    assert [r["density"] for r in rows] == [1.0, 0.5]
+    assert [r["density"] for r in rows] == [float(d) for d in densities]
     for r in rows:
         assert 0.0 <= r["alpha_train_mean"] <= 1.0 and 0.0 <= r["alpha_timed_mean"] <= 1.0
         assert r["block"] == 3 and 0 <= r["capacity_timed_mean"] <= 9
         assert all(v < 1e-4 for v in r["max_abs_param_diff_vs_dense_after_update"].values())
         assert set(r["ms_per_step"]) == {"sparse", "ignored", "dense"} and min(r["ms_per_step"].values()) > 0
         assert r["influence_bytes"] > 0 and r["scratch_bytes"] > 0 and 0.0 <= r["test_acc"] <= 1.0
+    return rows
+
+
+def test_activity_tiny_end_to_end_one_density(tmp_path):
+    """The fast check: one sparse configuration (the two-density run below is slow)."""
+    (row,) = _activity_rows(tmp_path, ["0.5"])
+    assert 0.0 < row["param_density"] < 1.0
+
+
+@pytest.mark.slow
+def test_activity_tiny_end_to_end(tmp_path):
+    """Dense and sparse weights in one run: one row each, the sparse one with fewer parameters."""
+    rows = _activity_rows(tmp_path, ["1.0", "0.5"])
     assert rows[1]["param_density"] < rows[0]["param_density"] == 1.0

@@ -143,7 +143,13 @@ def delayed_bit_task(key, T, B, delay=2):
     return bits[delay:, :, None].astype(jnp.float32), bits[:-delay]
 
 
-@pytest.mark.parametrize("method", ["snap1", "snap2", "rtrl", "uoro", "tbptt"])
+# RTRL and truncated BPTT are slow here: their gradients are checked exactly, fast, by
+# test_single_layer_equals_bptt (one layer, both) and
+# test_layerwise_stack_equals_reference_of_the_approximation (a stack, RTRL), and truncated BPTT
+# runs in a stack (with updates) in test_a_stack_can_mix_truncated_bptt_with_other_methods; the
+# approximate methods (SnAp-1, SnAp-2, UORO) learn here fast.
+@pytest.mark.parametrize("method", ["snap1", "snap2", pytest.param("rtrl", marks=pytest.mark.slow), "uoro",
+                                    pytest.param("tbptt", marks=pytest.mark.slow)])
 def test_stacked_model_learns_a_memory_task(method):
     """Dense encoder + 2 stacked GRUs + MLP head learns to output the previous bit."""
     kw = {"tbptt_window": 4} if method == "tbptt" else {}
@@ -262,8 +268,15 @@ def test_no_code_switches_on_the_method_kind():
     assert not hits, "\n".join(hits)
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
-@pytest.mark.parametrize("method", ["rtrl", "snap1"])
+# One combination is fast (the learner's chunked path is the same for every cell and for RTRL /
+# SnAp-1); the chunked methods themselves are checked for GRU and LSTM, RTRL and SnAp-1, fast in
+# tests/test_chunked.py. The other combinations are slow.
+@pytest.mark.parametrize("method,cell", [
+    ("snap1", "gru"),
+    pytest.param("snap1", "lstm", marks=pytest.mark.slow),
+    pytest.param("rtrl", "gru", marks=pytest.mark.slow),
+    pytest.param("rtrl", "lstm", marks=pytest.mark.slow),
+])
 def test_chunked_learner_equals_per_step_learner(x64, cell, method):
     """update_every = K > 1 runs RTRL / SnAp-1 chunk-wise; the parameters after several updates
     equal those of the per-step method (float64, 1e-10), with a ragged stream of chunks."""
