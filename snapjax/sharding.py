@@ -179,9 +179,7 @@ def state_specs(learner: Any, state: Any, mesh: Any = None, *, batch: bool = Tru
     p = learner.param_axis if params else None
     B = _batch_size(state)
     if mesh is not None:
-        sizes = _axis_sizes(mesh, b, p)
-        if b is not None and B % sizes[b]:
-            raise ValueError(f"batch size {B} is not divisible by mesh axis {b!r} of size {sizes[b]}")
+        _check_batch(B, _axis_sizes(mesh, b, p), b)
     carry = tuple(jax.tree.map(lambda _: P(b), c) for c in state.carry)
     ms = tuple(
         method_specs(m, s, batch_axis=b, param_axis=p, mesh=mesh, batch_size=B)
@@ -254,14 +252,35 @@ def _context_mesh(mesh: Any, learner: Any) -> Any:
     return mesh
 
 
-def _spmd(fn: Callable, mesh: Any, out_specs: PyTree) -> Callable:
-    """``fn`` with every Explicit axis of ``mesh`` run as Auto (``jax.sharding.auto_axes``)."""
-    explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit]
-    if not explicit:
-        return fn
-    if isinstance(mesh, Mesh):
-        out_specs = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs, is_leaf=_is_spec)
-    return jax.sharding.auto_axes(fn, axes=tuple(explicit), out_sharding=out_specs)
+def _is_explicit(mesh: Any) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _check_batch(batch: int, sizes: dict, axis: str | None) -> None:
+    """``ValueError`` unless ``batch`` divides by the size of mesh axis ``axis`` (if any)."""
+    if axis is not None and batch % sizes[axis]:
+        raise ValueError(f"batch size {batch} is not divisible by mesh axis {axis!r} of size {sizes[axis]}")
+
+
+def _spmd_call(fn: Callable, mesh: Any, in_specs: PyTree, out_specs: PyTree, *args: Any) -> Any:
+    """``fn(*args)``; on a mesh with Explicit axes, the arguments are first typed as ``in_specs``
+    (a no-op when they are) and ``fn`` runs with those axes as Auto (``jax.sharding.auto_axes``,
+    results typed as ``out_specs``), so no engine code sees sharded types."""
+    if not _is_explicit(mesh):
+        return fn(*args)
+
+    def named(specs):
+        if isinstance(mesh, AbstractMesh):
+            return specs
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+    args = jax.sharding.reshard(args, named(in_specs))
+    explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+    call = jax.sharding.auto_axes(fn, axes=explicit, out_sharding=named(out_specs))
+    if jax.sharding.get_abstract_mesh().empty:  # a concrete mesh passed without a context mesh
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return call(*args)
+    return call(*args)
 
 
 def run_sharded(learner: Any, state: Any, xs: Any, ys: Any, masks: Any, opt_args: dict, mesh: Any = None):
@@ -302,7 +321,7 @@ def run_sharded(learner: Any, state: Any, xs: Any, ys: Any, masks: Any, opt_args
         st, outs, metrics = learner._scan(hold(st), xs, ys, masks, opt_args, device_aux=b is not None, hold=hold)
         return hold(st), outs, metrics  # the loop's result too (XLA may lay a loop carry out its own way)
 
-    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+    explicit = _is_explicit(mesh)
     fn = local
     if b is not None:
         batch_only = state_specs(learner, state, params=False)
@@ -312,17 +331,7 @@ def run_sharded(learner: Any, state: Any, xs: Any, ys: Any, masks: Any, opt_args
                                  in_specs=(batch_only,) + in_specs[1:], out_specs=(batch_only,) + out_specs[1:],
                                  axis_names={b}, check_vma=False)(*args)
 
-    args = (state, xs, ys, masks, opt_args)
-    if not explicit:
-        return fn(*args)
-    # Explicit axes: arguments typed as the in_specs (a no-op when they are), run as Auto
-    target = in_specs if isinstance(mesh, AbstractMesh) else jax.tree.map(
-        lambda s: NamedSharding(mesh, s), in_specs, is_leaf=_is_spec)
-    args = jax.sharding.reshard(args, target)
-    if jax.sharding.get_abstract_mesh().empty:  # a concrete mesh passed without a context mesh
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return _spmd(fn, mesh, out_specs)(*args)
-    return _spmd(fn, mesh, out_specs)(*args)
+    return _spmd_call(fn, mesh, in_specs, out_specs, state, xs, ys, masks, opt_args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,10 +358,7 @@ class SequenceLayout:
         out = SequenceGradient._make([P(), jax.tree.map(lambda _: P(), params), data, self.carry, self.state])
         in_specs = (jax.tree.map(lambda _: P(), params), self.carry, self.state, data,
                     jax.tree.map(lambda _: data, ys))
-        args = (params, carry, state, xs, ys)
-        if any(t == AxisType.Explicit for t in self.mesh.axis_types):
-            args = jax.sharding.reshard(args, in_specs)
-        return _spmd(fn, self.mesh, out)(*args)
+        return _spmd_call(fn, self.mesh, in_specs, out, params, carry, state, xs, ys)
 
 
 def sequence_layout(method: Any, params: PyTree, carry: PyTree, state: PyTree,
@@ -369,8 +375,6 @@ def sequence_layout(method: Any, params: PyTree, carry: PyTree, state: PyTree,
         raise ValueError("online_gradient(batch_axis=..., param_axis=...) runs on the context mesh: "
                          "call it under `with jax.set_mesh(mesh):`")
     batch = int(jnp.shape(jax.tree.leaves(carry)[0])[0])
-    sizes = _axis_sizes(mesh, batch_axis, param_axis)
-    if batch_axis is not None and batch % sizes[batch_axis]:
-        raise ValueError(f"batch size {batch} is not divisible by mesh axis {batch_axis!r} of size {sizes[batch_axis]}")
+    _check_batch(batch, _axis_sizes(mesh, batch_axis, param_axis), batch_axis)
     specs = method_specs(method, state, batch_axis=batch_axis, param_axis=param_axis, mesh=mesh, batch_size=batch)
     return SequenceLayout(mesh, jax.tree.map(lambda _: P(batch_axis), carry), specs, batch_axis)
