@@ -80,7 +80,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from _common import write_json
+from _common import markdown_table, write_json
 from _timing import machine_info
 
 import snapjax as sj
@@ -275,11 +275,13 @@ def mib(b) -> str:
     return num(b / 2**20) if isinstance(b, (int, float)) else ""
 
 
+TABLE_HEADERS = ("k", "D", "p", "status", "ms/step median (min–max)", "÷ D=1", "influence MiB total", "per device",
+                 "= total/D", "compiled per device MiB: arg / out / temp", "temp·D ÷ D=1",
+                 "collectives (count, largest)", "rel. diff params / grad trace / outputs / J")
+
+
 def table(rows: list) -> str:
-    header = ("| k | D | p | status | ms/step median (min–max) | ÷ D=1 | influence MiB total | per device | "
-              "= total/D | compiled per device MiB: arg / out / temp | temp·D ÷ D=1 | collectives (count, largest) "
-              "| rel. diff params / grad trace / outputs / J |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         mem = r.get("memory") or {}
         m = " / ".join(mib(mem.get(x)) for x in ("argument_bytes", "output_bytes", "temp_bytes")) if mem else "n/a"
@@ -290,11 +292,10 @@ def table(rows: list) -> str:
             t = f"{num(1e3 * r['step_s_median'])} ({num(1e3 * r['step_s_min'])}–{num(1e3 * r['step_s_max'])})"
             ratio = f"{r['ratio_vs_1_device']:.2f}" if "ratio_vs_1_device" in r else ""
             diffs = " / ".join(f"{r['rel_diff_' + x]:.1e}" for x in DIFFS)
-        status = r.get("status", "")
-        lines.append(f"| {r['units']} | {r['devices']} | {r.get('params', '')} | {status} | {t} | {ratio} "
-                     f"| {mib(r.get('influence_bytes_total'))} | {mib(r.get('influence_bytes_per_device'))} "
-                     f"| {r.get('per_device_is_total_over_D', '')} | {m} | {tr} | {coll} | {diffs} |")
-    return "\n".join(lines) + "\n"
+        cells.append([str(r["units"]), str(r["devices"]), str(r.get("params", "")), r.get("status", ""), t, ratio,
+                      mib(r.get("influence_bytes_total")), mib(r.get("influence_bytes_per_device")),
+                      str(r.get("per_device_is_total_over_D", "")), m, tr, coll, diffs])
+    return markdown_table(TABLE_HEADERS, cells)
 
 
 def summary(rows: list) -> list:
