@@ -13,7 +13,6 @@ processes must be set up before jax starts, so the work runs in subprocesses;
 """
 
 import contextlib
-import os
 import pathlib
 import socket
 import subprocess
@@ -31,22 +30,11 @@ from jax.sharding import PartitionSpec as P
 import snapjax as sj
 
 pytest.importorskip("orbax.checkpoint")
-from snapjax.sharded_checkpoint import restore_sharded, save_sharded
+from snapjax.sharded_checkpoint import restore_sharded, save_sharded  # noqa: E402
+from _forced_devices import worker_env  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("_distributed_worker.py")
-ROOT = WORKER.parent.parent
 TIMEOUT = 300
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    if devices > 1:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_backend_optimization_level=0"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
 
 
 def _free_port() -> int:
@@ -63,7 +51,7 @@ def _launch(groups: dict, out: pathlib.Path) -> dict:
         try:
             for name, (argv, devices) in groups.items():
                 so, se = (files.enter_context(open(out / f"{name}.{k}", "w")) for k in ("out", "err"))
-                procs[name] = subprocess.Popen([sys.executable, str(WORKER), *argv], env=_env(devices),
+                procs[name] = subprocess.Popen([sys.executable, str(WORKER), *argv], env=worker_env(devices),
                                                stdout=so, stderr=se, text=True)
             deadline = time.monotonic() + TIMEOUT
             while any(p.poll() is None for p in procs.values()):

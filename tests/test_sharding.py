@@ -10,7 +10,6 @@ cross-device flags and counts are exercised.  ``--xla_backend_optimization_level
 shortens XLA:CPU compilation (both runs use it).
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,20 +19,15 @@ import jax.numpy as jnp
 import pytest
 
 import snapjax as sj
+from _forced_devices import worker_env
 from snapjax.sharding import state_specs
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
-ROOT = WORKER.parent.parent
+D = 8  # forced host devices
 
 
 def _worker(*cases: str) -> str:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, str(WORKER), *cases], env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, str(WORKER), *cases], env=worker_env(D), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     for case in cases:
         assert f"OK {case} " in res.stdout, res.stdout + res.stderr
