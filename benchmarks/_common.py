@@ -67,7 +67,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` without an
 
 from snapjax import GRUCell, OnlineLearner, OnlineState  # noqa: E402
 from snapjax.methods import parse_method_name  # noqa: E402
-from snapjax.sparsity import random_masks  # noqa: E402
+from snapjax.engine.sparsity import random_masks  # noqa: E402
 
 PyTree = Any
 
@@ -103,7 +103,7 @@ def make_masks(seed: int, units: int, n_in: int, density: float) -> dict | None:
     """Random static 0/1 masks for every kernel of a ``GRUCell(units)`` with ``n_in`` inputs at
     ``density`` (None if 1): ``{projection name: bool (fan_in, units)}``.
 
-    :func:`snapjax.sparsity.random_masks` (only the kernel shapes are read): every kernel, input
+    :func:`snapjax.engine.sparsity.random_masks` (only the kernel shapes are read): every kernel, input
     and recurrent; each unit keeps exactly ``max(1, round(density * fan_in))`` incoming weights
     per kernel, drawn from ``seed``.
     """

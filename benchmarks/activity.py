@@ -1,5 +1,5 @@
 """EGRU trained online with exact RTRL on sklearn digits (rows as a sequence): activity-sparse
-propagation (snapjax.activity) vs dense exact RTRL (same model, sparsity ignored), in one run.
+propagation (snapjax.methods.activity) vs dense exact RTRL (same model, sparsity ignored), in one run.
 
 Task: 8×8 digits, one row per step (T=8, input 8, pixel/16), a linear readout on the last
 step's output ``h_T`` (cross-entropy at the last step only, so the online RTRL gradient is
@@ -44,8 +44,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import snapjax as sj
-from snapjax.activity import step_cost
-from snapjax.egru import EGRUCell
+from snapjax.methods.activity_cost import step_cost
+from snapjax.cells.egru import EGRUCell
 
 
 def load_digits_rows(seed: int):

@@ -69,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import snapjax as sj  # noqa: E402
-from snapjax.sparsity import random_masks  # noqa: E402
+from snapjax.engine.sparsity import random_masks  # noqa: E402
 
 from _timing import machine_info, time_fn  # noqa: E402
 

@@ -6,7 +6,7 @@ the online methods SnAp-1, SnAp-2, SnAp-3, exact RTRL and UORO, each built by na
 (``step`` + ``gradient`` in a ``lax.scan``: ``snapjax.online_gradient``) under ``jax.jit``;
 warm-up (compile) first, then the median of repeats with ``block_until_ready``; per-step
 time = total / T.  Grid: state size k × parameter density d (random static masks on every
-weight matrix, ``snapjax.sparsity.random_masks``).
+weight matrix, ``snapjax.engine.sparsity.random_masks``).
 
 Configs whose method state (x3 for the new value and temporaries) exceeds ``--mem-budget-gb``
 at ``--batch`` run with a halved batch until they fit (the ``B`` column says so), or are
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import snapjax as sj  # noqa: E402
-from snapjax.sparsity import random_masks  # noqa: E402
+from snapjax.engine.sparsity import random_masks  # noqa: E402
 
 from _timing import machine_info, time_fn  # noqa: E402
 
@@ -174,7 +174,7 @@ def run_online(name, k, density, args, timed=None):
 
 
 def sj_param_count(params, masks):
-    rep = __import__("snapjax.sparsity", fromlist=["density_report"]).density_report(params, masks)
+    rep = __import__("snapjax.engine.sparsity", fromlist=["density_report"]).density_report(params, masks)
     return rep["nonzero_params"]
 
 

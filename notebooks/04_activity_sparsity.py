@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
-from snapjax.activity import step_cost
+from snapjax.methods.activity_cost import step_cost
 
 T0 = time.perf_counter()
 UNITS, N_IN, B = 32, 8, 4
@@ -139,7 +139,7 @@ assert rel(gs, gb) < 1e-4
 # fraction of units whose influence is nonzero (`alpha`, before the step: events plus units
 # inside the pseudo-derivative window — a superset of the events) and the capacity actually
 # computed (blocks × block size); the state's `active` holds the active set itself. Here the
-# steps are driven by hand in a `lax.scan`. `snapjax.activity.step_cost` turns the capacity into FLOPs
+# steps are driven by hand in a `lax.scan`. `snapjax.methods.activity_cost.step_cost` turns the capacity into FLOPs
 # of the propagation, against dense RTRL (the full `(k·m)×(k·m)` Jacobian product) and
 # against a dense RTRL that already exploits the structure of `D` (only `h` mixes units).
 

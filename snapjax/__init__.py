@@ -1,45 +1,51 @@
 """snapjax: online training of recurrent networks with RTRL, SnAp-n, UORO and TBPTT in JAX.
 
-One direction of flow: cell (:mod:`snapjax.cells`, :mod:`snapjax.recurrent`) → compressed
-per-step Jacobians (:mod:`snapjax.jacobians`) → an online method behind one interface
-(:mod:`snapjax.methods`: :class:`OnlineMethod`, built by name with :func:`online_method`) →
-gradient (:mod:`snapjax.scan`) → optax (:mod:`snapjax.transforms`) → the whole-model learner
-(:mod:`snapjax.model`, :mod:`snapjax.learner`).
+The public API.  The package is layered, and imports flow one way (a test enforces it)::
+
+    cells/     what a recurrent layer computes: CellSpec, built-in specs, flax modules, EGRU,
+               LRU, nnx adapters, the Recurrent view
+    engine/    compressed per-step Jacobians, their check against autodiff, SnAp-n patterns,
+               parameter sparsity, influence propagation
+    methods/   the OnlineMethod interface, the registry (online_method, register_method), one
+               file per method
+    parallel/  sharded layouts of method states, sharded checkpoints
+    training/  the model, the learner, losses, optax transforms, sequence drivers
+
+``checkpoint`` and ``data`` stand apart (they import nothing of the layers).
 """
 
-from snapjax.cells import (
-    CellSpec,
-    GRUCell,
-    LSTMCell,
-    Projection,
-    VanillaCell,
-    as_cell_spec,
-    cell_step,
-    gru_spec,
-    lstm_spec,
-    mgu_spec,
-    vanilla_spec,
-    verify_spec,
-)
-from snapjax.activity import ActivityInfluence, ActivitySparseRTRL, step_cost
+from snapjax.cells.builtin import as_cell_spec, gru_spec, lstm_spec, mgu_spec, vanilla_spec
+from snapjax.cells.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
+from snapjax.cells.lru import LRUCell, lru_lambda, lru_spec
+from snapjax.cells.modules import GRUCell, LSTMCell, VanillaCell
+from snapjax.cells.nnx import from_nnx, to_nnx
+from snapjax.cells.recurrent import Recurrent, as_recurrent
+from snapjax.cells.spec import CellSpec, Projection, cell_step
 from snapjax.checkpoint import restore_state, save_state, state_from_bytes, state_to_bytes
-from snapjax.sharded_checkpoint import restore_sharded, save_sharded
-from snapjax.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
-from snapjax.learner import OnlineLearner, OnlineState
-from snapjax.lru import LRUCell, lru_lambda, lru_spec
-from snapjax.nnx import from_nnx, to_nnx
-from snapjax.losses import Loss, get_loss, mse_loss, softmax_xent_loss
-from snapjax.methods import OnlineMethod, StepResult, online_method
+from snapjax.engine.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
+from snapjax.engine.verify import verify_spec
+from snapjax.methods import (
+    MethodEntry,
+    OnlineMethod,
+    StepResult,
+    online_method,
+    register_method,
+    registered_methods,
+    unregister_method,
+)
+from snapjax.methods.activity import ActivityInfluence, ActivitySparseRTRL
+from snapjax.methods.activity_cost import step_cost
 from snapjax.methods.compressed import InfluenceState
-from snapjax.methods.generic import DenseInfluence, GenericInfluence, dense_method
+from snapjax.methods.dense import DenseInfluence, GenericInfluence, dense_method
 from snapjax.methods.tbptt import TBPTTState
-from snapjax.model import OnlineModel
-from snapjax.recurrent import Recurrent, as_recurrent
-from snapjax.scan import SequenceGradient, bptt_gradient, online_gradient
-from snapjax.sharding import method_specs, put_sharded, shard_state, state_specs
-from snapjax.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
-from snapjax.uoro import UORO, UOROState, uoro_method
-from snapjax.transforms import (
+from snapjax.methods.uoro import UORO, UOROState, uoro_method
+from snapjax.parallel.sharded_checkpoint import restore_sharded, save_sharded
+from snapjax.parallel.sharding import method_specs, put_sharded, shard_state, state_specs
+from snapjax.training.learner import OnlineLearner, OnlineState
+from snapjax.training.losses import Loss, get_loss, mse_loss, softmax_xent_loss
+from snapjax.training.model import OnlineModel
+from snapjax.training.sequence import SequenceGradient, bptt_gradient, online_gradient
+from snapjax.training.transforms import (
     AccumulateOnlineState,
     SkipNonFiniteState,
     accumulate_online,
@@ -58,6 +64,7 @@ __all__ = [
     "as_cell_spec", "cell_step", "verify_spec", "Recurrent", "as_recurrent",
     # online methods (one interface)
     "OnlineMethod", "StepResult", "online_method", "InfluenceState", "TBPTTState",
+    "register_method", "unregister_method", "registered_methods", "MethodEntry",
     "ActivitySparseRTRL", "ActivityInfluence", "step_cost",
     "UORO", "UOROState", "uoro_method", "DenseInfluence", "GenericInfluence", "dense_method",
     # sequence drivers

@@ -28,7 +28,7 @@ Typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and re
 the template's key implementation (read from the key dtype, so abstract templates work too).
 Sharded states are gathered to the host on save; restore places each leaf with the template
 leaf's sharding when it has one.  A state spread over several processes (``jax.distributed``)
-raises ``ValueError`` on save: use :mod:`snapjax.sharded_checkpoint` for those.
+raises ``ValueError`` on save: use :mod:`snapjax.parallel.sharded_checkpoint` for those.
 
 Example::
 
@@ -88,7 +88,7 @@ def _to_host(tree: PyTree) -> PyTree:
                 f"leaf {jax.tree_util.keystr(path) or '<root>'} (shape {x.shape}, {x.dtype}) is spread over several "
                 f"processes (not fully addressable; {len(x.sharding.device_set)} devices, "
                 f"{jax.process_count()} processes): this process cannot write it to one file; checkpoint "
-                "multi-process states with snapjax.sharded_checkpoint.save_sharded (orbax)"
+                "multi-process states with snapjax.parallel.sharded_checkpoint.save_sharded (orbax)"
             )
 
     def conv(x):

@@ -7,7 +7,7 @@ learner (no mesh) for ``T1 + T2`` steps; writes ``OUT/reference_<case>.npz``.
 ``python _distributed_worker.py train OUT NPROC PID PORT CASE...``: process ``PID`` of ``NPROC``
 (``jax.distributed`` with its coordinator at ``localhost:PORT`` when ``NPROC > 1``), 4 devices
 in all; per case a sharded learner runs ``T1`` steps, saves the state with
-:func:`snapjax.sharded_checkpoint.save_sharded` into ``OUT/ckpt_<case>``, runs ``T2`` more
+:func:`snapjax.parallel.sharded_checkpoint.save_sharded` into ``OUT/ckpt_<case>``, runs ``T2`` more
 steps (continued), restores the checkpoint into a fresh template and runs the same ``T2`` steps
 (resumed).  Process 0 writes ``OUT/train_<case>.npz`` with everything gathered to the host
 (``process_allgather``); every process prints ``OK <case> <pid>``.  With several processes it
@@ -32,7 +32,7 @@ jax.config.update("jax_enable_x64", True)
 
 import snapjax as sj
 from snapjax.methods.base import is_key
-from snapjax.sharded_checkpoint import restore_sharded, save_sharded
+from snapjax.parallel.sharded_checkpoint import restore_sharded, save_sharded
 
 B, N_IN, UNITS, CLASSES, T1, T2 = 4, 3, 4, 3, 3, 3
 
@@ -88,7 +88,7 @@ def check_save_state_refuses(out: str, mesh) -> None:
     try:
         sj.save_state(os.path.join(out, f"refused_{jax.process_index()}.bin"), {"x": x})
     except ValueError as e:
-        assert "snapjax.sharded_checkpoint.save_sharded" in str(e), e
+        assert "snapjax.parallel.sharded_checkpoint.save_sharded" in str(e), e
         print("OK save_state-refuses", jax.process_index(), flush=True)
         return
     raise AssertionError("save_state accepted an array spread over several processes")

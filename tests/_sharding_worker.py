@@ -26,7 +26,7 @@ from jax.sharding import AxisType, Mesh, PartitionSpec as P
 jax.config.update("jax_enable_x64", True)
 
 import snapjax as sj  # noqa: E402
-from snapjax.sharding import state_specs  # noqa: E402
+from snapjax.parallel.sharding import state_specs  # noqa: E402
 
 B, N_IN, T, UNITS, D = 16, 3, 6, 8, 8
 

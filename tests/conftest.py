@@ -36,7 +36,7 @@ def tree_rel_err(a, b) -> float:
 
 
 def random_masks(rng: np.random.Generator, spec, params, density: float) -> dict:
-    """Bernoulli(density) masks on every kernel (test helper, independent of snapjax.sparsity)."""
+    """Bernoulli(density) masks on every kernel (test helper, independent of snapjax.engine.sparsity)."""
     return {
         p.name: rng.random(np.shape(params[p.name]["kernel"])) < density for p in spec.projections
     }

@@ -10,8 +10,9 @@ import pytest
 
 import snapjax as sj
 from conftest import random_masks, tree_rel_err
-from snapjax.activity import ActivityInfluence, activity_method, step_cost
-from snapjax.egru import EGRUCell
+from snapjax.methods.activity import ActivityInfluence, activity_method
+from snapjax.methods.activity_cost import step_cost
+from snapjax.cells.egru import EGRUCell
 
 UNITS = 16
 

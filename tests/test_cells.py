@@ -13,9 +13,11 @@ import pytest
 
 import snapjax as sj
 import snapjax.cells as cells
-from snapjax.cells import CellSpec, cell_step, mgu_spec, verify_spec
-from snapjax.egru import EGRUCell, _egru_phi, egru_spec
-from snapjax.lru import LRUCell
+import snapjax.cells.spec as cell_spec_module
+from snapjax.cells import CellSpec, cell_step, mgu_spec
+from snapjax.engine.verify import verify_spec
+from snapjax.cells.egru import EGRUCell, _egru_phi, egru_spec
+from snapjax.cells.lru import LRUCell
 
 N_IN = 3
 
@@ -246,6 +248,6 @@ def test_layer_output_defaults_to_readout():
 
 
 def test_module_docstring_examples_run():
-    result = doctest.testmod(cells, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(cell_spec_module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 10
     assert result.failed == 0

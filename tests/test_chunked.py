@@ -14,7 +14,7 @@ from conftest import tree_rel_err
 
 import snapjax as sj
 from snapjax.methods.chunked import ChunkedInfluence, ChunkedState, chunked_method
-from snapjax.scan import bptt_gradient
+from snapjax.training.sequence import bptt_gradient
 
 TOL = 1e-10
 N_IN, B = 3, 3

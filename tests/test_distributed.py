@@ -1,5 +1,5 @@
 """Multi-process training (``jax.distributed``, 2 processes × 2 forced CPU devices) and sharded
-checkpoints (:mod:`snapjax.sharded_checkpoint`, orbax).
+checkpoints (:mod:`snapjax.parallel.sharded_checkpoint`, orbax).
 
 A state trained ``T1`` steps on a 4-device mesh spanning both processes is saved, trained
 ``T2`` more steps (continued), restored into a fresh template and trained the same ``T2``
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 import snapjax as sj
 
 pytest.importorskip("orbax.checkpoint")
-from snapjax.sharded_checkpoint import restore_sharded, save_sharded  # noqa: E402
+from snapjax.parallel.sharded_checkpoint import restore_sharded, save_sharded  # noqa: E402
 from _forced_devices import worker_env  # noqa: E402
 
 WORKER = pathlib.Path(__file__).with_name("_distributed_worker.py")

@@ -21,7 +21,7 @@ import pytest
 import snapjax
 
 # Public names whose examples are not written yet; they live in files edited elsewhere
-# (snapjax/learner.py, snapjax/sharding.py, snapjax/checkpoint.py).  Temporary: empty this set
+# (snapjax/training/learner.py, snapjax/parallel/sharding.py, snapjax/checkpoint.py).  Temporary: empty this set
 # as the examples land (a name listed here that already has an example fails the test).
 PENDING: set[str] = set()
 

@@ -7,7 +7,7 @@ import pytest
 
 import snapjax as sj
 from conftest import random_masks, tree_rel_err
-from snapjax.egru import EGRUCell, egru_spec, heaviside
+from snapjax.cells.egru import EGRUCell, egru_spec, heaviside
 
 
 def _setup(units=6, n_in=3, batch=2, T=8, seed=0, **kw):

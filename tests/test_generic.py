@@ -13,7 +13,8 @@ from jax import lax
 
 import snapjax as sj
 from conftest import tree_rel_err
-from snapjax.methods.generic import DenseInfluence, GenericInfluence, dense_method, param_masks
+from snapjax.methods.dense import DenseInfluence, GenericInfluence, dense_method
+from snapjax.methods.generic_support import param_masks
 
 F64 = jnp.float64
 UNITS, N_IN, B, T = 4, 3, 2, 6

@@ -257,12 +257,14 @@ def test_no_code_switches_on_the_method_kind():
 
     root = pathlib.Path(__file__).resolve().parents[1]
     pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](rtrl|snap\d*|uoro|tbptt|activity)["']""")
-    allowed = {root / "snapjax" / "methods" / "__init__.py", root / "snapjax" / "influence.py"}
+    allowed = {root / "snapjax" / "engine" / "influence.py"}
     hits = []
     for path in list((root / "snapjax").rglob("*.py")) + list((root / "benchmarks").rglob("*.py")):
         if path in allowed:
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip().startswith((">>>", "...")):  # docstring examples list names; they do not switch
+                continue
             if pattern.search(line):
                 hits.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)

@@ -11,8 +11,8 @@ from jax import lax
 import snapjax as sj
 from conftest import tree_rel_err
 from snapjax.cells import cell_step
-from snapjax.influence import influence_tracker
-from snapjax.lru import LRUCell, lru_lambda, lru_spec
+from snapjax.engine.influence import influence_tracker
+from snapjax.cells.lru import LRUCell, lru_lambda, lru_spec
 
 
 def _setup(units, n_in, batch, T, seed, learn_gamma=True, r_min=0.5, r_max=0.99):

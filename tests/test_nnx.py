@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import snapjax as sj
-import snapjax.nnx as sj_nnx
+import snapjax.cells.nnx as sj_nnx
 from snapjax.cells import cell_step
-from snapjax.nnx import from_nnx, to_nnx
+from snapjax.cells.nnx import from_nnx, to_nnx
 
 N_IN, H = 3, 5
 

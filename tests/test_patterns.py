@@ -11,9 +11,9 @@ from jax.flatten_util import ravel_pytree
 
 import snapjax as sj
 from conftest import random_masks
-from snapjax.egru import egru_spec
-from snapjax.influence import influence_tracker
-from snapjax.patterns import recurrent_adjacency
+from snapjax.cells.egru import egru_spec
+from snapjax.engine.influence import influence_tracker
+from snapjax.engine.patterns import recurrent_adjacency
 
 
 def _jacfwd_step(spec, unravel, masks):

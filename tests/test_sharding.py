@@ -1,4 +1,4 @@
-"""Many devices (:mod:`snapjax.sharding`) on 8 forced host devices give the single-device results
+"""Many devices (:mod:`snapjax.parallel.sharding`) on 8 forced host devices give the single-device results
 (float64, 1e-10; only the order of the batch sums differs), on Explicit and Auto meshes, with
 the examples split (``batch_axis``), the influence split along its parameter axis
 (``param_axis``, each device holding exactly 1/8 of the influence bytes), and both (a 2 × 4
@@ -20,7 +20,7 @@ import pytest
 
 import snapjax as sj
 from _forced_devices import worker_env
-from snapjax.sharding import state_specs
+from snapjax.parallel.sharding import state_specs
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
 D = 8  # forced host devices
@@ -36,7 +36,7 @@ def _worker(*cases: str) -> str:
 
 def test_batch_and_parameter_sharded_equal_single_device():
     # the 2-D mesh: a stack of per-step SnAp-1, RTRL and sparse SnAp-2 layers, UORO (signs drawn
-    # the same on every device, see snapjax.sharding) and truncated BPTT (windows: batch axis 1)
+    # the same on every device, see snapjax.parallel.sharding) and truncated BPTT (windows: batch axis 1)
     _worker("stack:both", "uoro:both", "tbptt:both", "lowlevel:both")
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import snapjax as sj
-from snapjax.influence import influence_tracker
-from snapjax.sparsity import density_report, random_masks, snap_pattern_size
+from snapjax.engine.influence import influence_tracker
+from snapjax.engine.sparsity import density_report, random_masks, snap_pattern_size
 
 K = 64
 N_IN = 64

@@ -1,4 +1,4 @@
-"""snapjax.sparsity: random masks, applying/masking updates, reports, SnAp pattern sizes."""
+"""snapjax.engine.sparsity: random masks, applying/masking updates, reports, SnAp pattern sizes."""
 
 import flax.linen as nn
 import jax
@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import snapjax as sj
-from snapjax.influence import influence_tracker
-from snapjax.patterns import kernel_layout
-from snapjax.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
+from snapjax.engine.influence import influence_tracker
+from snapjax.engine.patterns import kernel_layout
+from snapjax.engine.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
 
 
 def _gru(units=16, n_in=10):

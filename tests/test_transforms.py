@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from snapjax.transforms import (
+from snapjax.training.transforms import (
     AccumulateOnlineState,
     SkipNonFiniteState,
     accumulate_online,

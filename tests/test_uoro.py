@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import snapjax as sj
-from snapjax.uoro import UORO, UOROState, uoro_method
+from snapjax.methods.uoro import UORO, UOROState, uoro_method
 from test_generic import LNGRU, _bptt, _loss  # shared references
 
 UNITS, N_IN, BATCH, T = 4, 3, 1, 5

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax.recurrent import Recurrent
+from snapjax.cells.recurrent import Recurrent
 
 Array = jax.Array
 PyTree = Any
@@ -212,7 +212,7 @@ class OnlineMethod(abc.ABC):
 
         Splitting a leaf along that axis must need no communication in :meth:`step` (e.g.
         ``D·J`` contracts over state units, never over parameters) and only parameter-shaped
-        results in :meth:`gradient`; :mod:`snapjax.sharding` uses it for the model-parallel
+        results in :meth:`gradient`; :mod:`snapjax.parallel.sharding` uses it for the model-parallel
         influence (``OnlineLearner(param_axis=...)``).  Default: ``None`` (nothing split)."""
         return None
 

@@ -4,7 +4,7 @@
 steps ``t0+1 … t0+K`` (the optimizer steps every ``K`` steps), the influence ``J`` is only needed
 at chunk boundaries.  During the chunk :meth:`ChunkedInfluence.step` runs the cell forward and
 buffers per step only state-sized factors (input ``x_τ``, read-out ``h_{τ-1}``, the unit-wise
-derivatives of :func:`snapjax.jacobians.step_jacobians`), and :meth:`~ChunkedInfluence.gradient`
+derivatives of :func:`snapjax.engine.jacobians.step_jacobians`), and :meth:`~ChunkedInfluence.gradient`
 buffers the cotangent ``c_τ = ∂L_τ/∂s_τ``.  At the chunk's last step a backward sweep computes,
 with ``D_τ``, ``I_τ`` the step Jacobians,
 
@@ -24,13 +24,14 @@ diagonal blocks of ``D`` (``m × m`` per unit, ``m = 2`` for LSTM/EGRU): ``Φ`` 
 ``D̃ = M_1 D`` per pattern group (LSTM output-gate parameters never reach ``c``).
 
 The influence is stored in the per-step engine's compressed layout
-(:func:`snapjax.influence.influence_tracker`: ``"dense"`` for RTRL, ``"diag"`` for SnAp-1; masked
+(:func:`snapjax.engine.influence.influence_tracker`: ``"dense"`` for RTRL, ``"diag"`` for SnAp-1; masked
 kernels stored compressed), so after every chunk ``J`` equals the per-step method's ``J`` and
 either method can continue the other's stream.  Memory: the influence plus ``K`` state-sized
 buffers (flat in stream length); the close also holds the ``K`` matrices ``Φ_τ`` and
 ``Φ_τ I_τ`` column blocks (RTRL: ``K·k²·(1 + P_src/m)`` per example).  Masked kernels are
 contracted densely and gathered to the stored rows.  Buffers are batch-major (``(B, K, ...)``)
-and the close runs on ``(B, L, U·W·m)`` views, so XLA:CPU needs no transposes of them.
+and the close runs on ``(B, L, U·W·m)`` views, so XLA:CPU needs no transposes of them.  The
+state and the backward sweeps are in :mod:`snapjax.methods.chunked_sweeps`.
 
 Streams: a ragged last chunk is closed with :meth:`ChunkedInfluence.flush` (gradient of the
 steps seen so far, ``J`` advanced to the current step; call it after a step's ``gradient``).
@@ -55,61 +56,24 @@ Example (float32 GRU, exact RTRL in chunks of 4)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from snapjax.cells import masked_kernel
-from snapjax.influence import InfluenceTracker, influence_tracker
-from snapjax.jacobians import StepJacobians, dense_dynamics, step_jacobians
+from snapjax.cells.recurrent import Recurrent, as_recurrent
+from snapjax.engine.influence import InfluenceTracker, influence_tracker
+from snapjax.engine.jacobians import step_jacobians
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
-from snapjax.recurrent import Recurrent, as_recurrent
+from snapjax.methods.chunked_sweeps import ChunkedState, _advance, _backward_dense, _backward_diag, _bcast
 
 Array = jax.Array
 PyTree = Any
 
 __all__ = ["ChunkedState", "ChunkedInfluence", "chunked_method"]
 
-
-class ChunkedState(NamedTuple):
-    """State of a chunked method (``K`` chunk length, ``B`` batch, ``U`` units, ``m`` components
-    per unit, ``P`` projections, ``Q`` unit parameters).  Buffers are batch-major (axis 0).
-
-    Attributes:
-      influence: ``J`` at the last chunk boundary: the engine's compressed layout with each
-        leaf's axes merged to ``(B, L, U·W·m)`` (same values in the same memory order;
-        :meth:`ChunkedInfluence.influence` gives the engine's shapes).  Batch axis 0.
-      xs: inputs ``(B, K, n_in)``.  hs: read-outs ``h_{τ-1}`` ``(B, K, U)``.
-      dpre, dunit: ``∂φ/∂a`` ``(B, K, P, U·m)`` and ``∂φ/∂θᵘ`` ``(B, K, Q, U·m)`` of each step.
-      dstate: ``∂φ/∂s`` (within a unit) ``(B, K, U·m·m)``.  cot: ``c_τ`` ``(B, K, U·m)``.
-      cut: ``(B, K)`` bool, the chain is cut before step ``τ`` (a reset).
-      pending: ``(B,)`` a reset requested before the next step.  drop: ``(B,)`` a reset came
-        between a step and its ``gradient`` (that step's cotangent is dropped).
-      stepped: bool scalar, a step awaits its ``gradient``.  pos: int32 scalar, slot of the
-        next step in the chunk.
-    """
-
-    influence: PyTree
-    xs: Array
-    hs: Array
-    dpre: Array
-    dunit: Array
-    dstate: Array
-    cot: Array
-    cut: Array
-    pending: Array
-    drop: Array
-    stepped: Array
-    pos: Array
-
-
-def _bcast(flag: Array, ndim: int, axis: int = 0) -> Array:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return jnp.reshape(flag, shape)
 
 
 def _zero_examples(tree: PyTree, where: Array) -> PyTree:
@@ -300,14 +264,14 @@ class ChunkedInfluence(OnlineMethod):
             d = d_all if idx == list(range(len(names))) else d_all[:, :, np.asarray(idx)]  # (B, K, G, U·m)
             d5 = d.reshape(d.shape[:3] + (U, m))
             if tr.layout == "diag":
-                delta, e, phis, phi0, dead = self._backward_diag(params, st, pattern)  # Φ (B, K, U·m·m)
+                delta, e, phis, phi0, dead = _backward_diag(tr, K, params, st, pattern)  # Φ (B, K, U·m·m)
                 if m == 1:  # no unit axes of size 1 (XLA:CPU then loops without vectorising)
                     G = phis[:, :, None] * d
                 else:
                     phi5 = phis.reshape(B, K, 1, U, m, m)
                     G = sum(phi5[..., c] * d5[..., c, None] for c in range(m)).reshape(d.shape)
             else:
-                delta, e, phis, phi0, dead = self._backward_dense(params, st)  # Ψ = Φᵀ (B, K, k, k)
+                delta, e, phis, phi0, dead = _backward_dense(tr, K, params, st)  # Ψ = Φᵀ (B, K, k, k)
                 psi = phis.reshape(B, K, 1, U, m, U * m)
                 G = sum(psi[:, :, :, :, c] * d5[..., c, None] for c in range(m)).reshape(B, K, -1, U * U * m)
             # G[b, τ, g, (i, ·)] = Σ_c Φ_τ[b, ·, (i, c)] ∂φ_{i,c}/∂a_{g,i}: column i of Φ_τ I_τ
@@ -331,7 +295,7 @@ class ChunkedInfluence(OnlineMethod):
                         cols = np.broadcast_to(np.arange(U), lay.rows.shape)
                         add = add.reshape(B, -1, U, G.shape[-1] // U)[:, lay.rows, cols]
                         add = jnp.where(jnp.asarray(lay.valid)[None, :, :, None], add, 0).reshape(B, -1, G.shape[-1])
-                    g_j, new = self._advance(J[name]["kernel"], e, phi0, dead, st.drop, add)
+                    g_j, new = _advance(tr, J[name]["kernel"], e, phi0, dead, st.drop, add)
                     if lay.rows is not None:  # scatter the stored rows back to the kernel's shape
                         g_j = jnp.zeros((lay.n_in, U), g_j.dtype).at[lay.rows, cols].add(jnp.where(lay.valid, g_j, 0))
                     grads[name], new_J[name] = {"kernel": kern + g_j}, {"kernel": new}
@@ -339,7 +303,7 @@ class ChunkedInfluence(OnlineMethod):
                 if name in source and not spec.projection(name).use_bias:
                     continue
                 leaf = J[name]["bias"] if name in source else J[name]
-                g_b, J_b = self._advance(leaf, e, phi0, dead, st.drop, G_sum[:, None, j])
+                g_b, J_b = _advance(tr, leaf, e, phi0, dead, st.drop, G_sum[:, None, j])
                 g_b = w_sum[j] + g_b[0]
                 if name in source:
                     grads[name]["bias"], new_J[name]["bias"] = g_b, J_b
@@ -347,105 +311,6 @@ class ChunkedInfluence(OnlineMethod):
                     grads[name], new_J[name] = g_b, J_b
         grads = jax.tree.map(lambda a, p: a.astype(jnp.result_type(p)), grads, params)
         return grads, new_J
-
-    def _backward_diag(self, params: PyTree, st: ChunkedState, pattern):
-        """SnAp-1 sweep with the diagonal blocks ``D̃ = M ⊙ diag-blocks(D)`` (``m × m`` per unit)."""
-        spec, tr, K = self.tracker.spec, self.tracker, self.chunk
-        B, U, m = st.cot.shape[0], spec.units, spec.state_dim
-        idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
-        diag = [jnp.diagonal(masked_kernel(params, spec.projections[j].name, tr.masks)) for j in idx]
-        rec = sum(st.dpre[:, :, j].reshape(B, K, U, m) * w[:, None] for j, w in zip(idx, diag))  # (B, K, U, m)
-        dii = st.dstate.reshape(B, K, U, m, m).at[..., spec.readout].add(rec.astype(st.dstate.dtype))
-        if pattern is not None:
-            dii = dii * jnp.asarray(pattern[:, :, None], dii.dtype)
-        dii = dii.reshape(B, K, -1)
-
-        def dot_t(d, x):  # (Dᵀ x)[u, c] = Σ_a D[u, a, c] x[u, a]
-            return x * d if m == 1 else (d.reshape(B, U, m, m) * x.reshape(B, U, m, 1)).sum(2).reshape(B, -1)
-
-        def mat(phi, d):  # (Φ D)[u, a, e] = Σ_c Φ[u, a, c] D[u, c, e]
-            if m == 1:
-                return phi * d
-            return (phi.reshape(B, U, m, m, 1) * d.reshape(B, U, 1, m, m)).sum(3).reshape(B, -1)
-
-        return self._sweep(st, dii, dot_t, mat, jnp.tile(jnp.eye(m, dtype=dii.dtype).reshape(-1), (B, U)))
-
-    def _backward_dense(self, params: PyTree, st: ChunkedState):
-        """Exact sweep with the full ``D`` (``(B, k, k)``); returns ``Ψ_τ = Φ_τᵀ``."""
-        spec, tr, K = self.tracker.spec, self.tracker, self.chunk
-        B, U, m = st.cot.shape[0], spec.units, spec.state_dim
-        k = U * m
-
-        def build(t):
-            dpre = jnp.moveaxis(lax.dynamic_index_in_dim(st.dpre, t, 1, False).reshape(B, -1, U, m), 1, -1)
-            dstate = lax.dynamic_index_in_dim(st.dstate, t, 1, False).reshape(B, U, m, m)
-            jac = StepJacobians(None, dpre, None, dstate, None)
-            return dense_dynamics(spec, params, jac, tr.masks).reshape(B, k, k).astype(st.cot.dtype)
-
-        def dot_t(D, x):
-            return jnp.matmul(x[:, None], D, precision=tr.precision)[:, 0]
-
-        def mat(psi, D):  # Ψ_{τ-1} = D_τᵀ Ψ_τ
-            return jnp.matmul(jnp.swapaxes(D, 1, 2), psi, precision=tr.precision)
-
-        eye = jnp.broadcast_to(jnp.eye(k, dtype=st.cot.dtype), (B, k, k))
-        return self._sweep(st, build, dot_t, mat, eye)
-
-    def _sweep(self, st: ChunkedState, dyn, dot_t, mat, phi_init):
-        """Backward over the chunk: ``δ_τ = c_τ + D_{τ+1}ᵀ δ_{τ+1}``, ``Φ_{τ-1} = Φ_τ D_τ``, with
-        the chain cut (and ``Φ`` zeroed) at resets.  ``dyn``: ``(B, K, ·)`` array of ``D`` or a
-        function of ``τ``.  Returns ``δ (B, K, k)``, ``e = D_{t0+1}ᵀ δ_{t0+1}``, ``Φ_τ`` stacked
-        ``(B, K, ...)``, ``Φ_{t0}`` and whether a reset cut the chunk, per example."""
-        K, B = self.chunk, st.cot.shape[0]
-
-        def body(i, carry):
-            g, phi, dead, deltas, phis = carry
-            t = K - 1 - i
-            D = dyn(t) if callable(dyn) else lax.dynamic_index_in_dim(dyn, t, 1, False)
-            cut = lax.dynamic_index_in_dim(st.cut, t, 1, False)
-            delta = lax.dynamic_index_in_dim(st.cot, t, 1, False) + g
-            deltas = lax.dynamic_update_index_in_dim(deltas, delta, t, 1)
-            phis = lax.dynamic_update_index_in_dim(phis, phi, t, 1)
-            g = jnp.where(_bcast(cut, g.ndim), 0, dot_t(D, delta))
-            dead = dead | cut
-            phi = jnp.where(_bcast(dead, phi.ndim), 0, mat(phi, D))
-            return g, phi, dead, deltas, phis
-
-        init = (jnp.zeros_like(st.cot[:, 0]), phi_init, jnp.zeros((B,), bool), jnp.zeros_like(st.cot),
-                jnp.zeros((B, K) + phi_init.shape[1:], phi_init.dtype))
-        e, phi0, dead, deltas, phis = lax.fori_loop(0, K, body, init)
-        return deltas, e, phis, phi0, dead
-
-    def _advance(self, J: Array, e: Array, phi0: Array, dead: Array, zero: Array, add: Array):
-        """One influence leaf ``J (B, L, U·W·m)``: returns the gradient term ``Σ_b e_b J_{t0,b}``
-        (``(L, U)``, ``e = D_{t0+1}ᵀ δ_{t0+1}`` ``(B, U·m)``) and ``Φ_{t0} J + add`` (``add =
-        Σ_τ Φ_τ I_τ``) in ``J``'s storage dtype.  ``dead``: ``Φ_{t0} = 0`` (a reset in the
-        chunk); ``zero``: the new ``J`` is 0 (a reset after the chunk's last step).  The sum
-        over ``b`` is a loop (XLA:CPU reduces leading axes slowly) and is ordered before the
-        update by an optimisation barrier, so the update can overwrite ``J`` in place."""
-        B, L, n = J.shape
-        U, m = self.tracker.spec.units, self.tracker.spec.state_dim
-        cdt, prec = jnp.promote_types(J.dtype, add.dtype), self.tracker.precision
-        e = e.astype(cdt)
-        if self.tracker.layout == "dense":
-            Jm = J.reshape(B, L * U, U * m).astype(cdt)
-            g = jnp.matmul(Jm, e[:, :, None], precision=prec).reshape(B, L * U)
-            g = lax.fori_loop(0, B, lambda b, acc: acc + g[b], jnp.zeros((L * U,), cdt)).reshape(L, U)
-            g, Jm = lax.optimization_barrier((g, Jm))
-            prop = jnp.matmul(Jm, phi0, precision=prec).reshape(B, L, n)  # J Φ_{t0}ᵀ = J Ψ_{t0}
-        else:
-            g = lax.fori_loop(0, B, lambda b, acc: acc + e[b] * J[b].astype(cdt), jnp.zeros((L, n), cdt))
-            g = g.reshape(L, U, m).sum(-1) if m > 1 else g
-            g, J = lax.optimization_barrier((g, J))
-            Jf = J.astype(cdt)
-            if m == 1:
-                prop = phi0[:, None] * Jf
-            else:  # prop[b, l, i, a] = Σ_c Φ_{t0}[b, i, a, c] J[b, l, i, c]
-                phi5, J4 = phi0.reshape(B, 1, U, m, m), Jf.reshape(B, L, U, m)
-                prop = sum(phi5[..., c] * J4[..., c, None] for c in range(m)).reshape(B, L, n)
-        prop = jnp.where(dead[:, None, None], 0, prop)  # a reset in the chunk: J_{t0} is gone
-        new = jnp.where(zero[:, None, None], 0, prop + add)  # a reset after the chunk's last step
-        return g, new.astype(J.dtype)
 
 
 def _pattern_sets(tracker: InfluenceTracker) -> tuple:

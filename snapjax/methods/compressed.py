@@ -1,7 +1,7 @@
 """Exact RTRL and SnAp-n on the compressed Jacobians of a :class:`snapjax.CellSpec` cell.
 
 The influence ``J_t = (D_t J_{t-1} + I_t) ⊙ M_n`` (``M_n`` all ones for RTRL) is stored per
-parameter leaf in one of three layouts chosen by :func:`snapjax.influence.influence_tracker`
+parameter leaf in one of three layouts chosen by :func:`snapjax.engine.influence.influence_tracker`
 (``diag`` for SnAp-1: ``B × p`` floats updated elementwise with ``diag(D)``; ``table`` for sparse
 SnAp-n: a padded neighbour table and batched small matmuls; ``dense`` for RTRL: one batched
 matmul with the per-example ``D``).  The engine works on a private ``(B, units, m)`` state
@@ -19,9 +19,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from snapjax.influence import InfluenceTracker
+from snapjax.cells.recurrent import Recurrent
+from snapjax.engine.influence import InfluenceTracker
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
-from snapjax.recurrent import Recurrent
 
 Array = jax.Array
 PyTree = Any
@@ -31,7 +31,7 @@ __all__ = ["InfluenceState", "CompressedInfluence"]
 
 class InfluenceState(NamedTuple):
     """State of RTRL / SnAp-n: ``influence``, one leaf per parameter leaf, batch axis 0
-    (compressed layout, see :mod:`snapjax.influence`; ``method.to_dense`` expands it).
+    (compressed layout, see :mod:`snapjax.engine.influence`; ``method.to_dense`` expands it).
 
     Example (SnAp-1 of a GRU with 4 units; ``to_dense`` gives ``(B, *param_shape, units, m)``)::
 

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from snapjax.cells.recurrent import Recurrent
+from snapjax.engine.sparsity import apply_masks
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
-from snapjax.recurrent import Recurrent
-from snapjax.sparsity import apply_masks
+from snapjax.methods.registry import register_method
 
 Array = jax.Array
 PyTree = Any
@@ -194,3 +195,12 @@ class TBPTT(OnlineMethod):
         # a reset between windows restarts the next window from zero: its start is taken from
         # the (already zeroed) incoming carry, so only a mid-window reset needs the flag.
         return state._replace(xs=xs, pending=state.pending | where)
+
+
+def _build(cell: Recurrent, params: PyTree, *, window: int, masks: Any = None, precision: Any = None,
+           input_size: int | None = None) -> TBPTT:
+    return TBPTT.build(cell, params, window=window, masks=masks, precision=precision, input_size=input_size)
+
+
+register_method("tbptt", _build, options=("window", "masks", "precision", "input_size"),
+                summary="truncated BPTT over windows of `window` steps, updating at each window's end (any cell)")

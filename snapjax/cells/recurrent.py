@@ -1,0 +1,177 @@
+"""A recurrent cell as the online methods see it: a pure step on the *flax* carry.
+
+:class:`Recurrent` is the one view every method and the learner use, whatever the cell is:
+
+* ``apply(params, carry, x) -> carry``: one step ``s_t = f(θ, s_{t-1}, x_t)`` on the flax
+  carry (``(B, units)`` for GRU/vanilla/MGU, the tuple ``(c, h)`` for LSTM), ``x (B, n_in)``;
+* ``output(carry) -> y (B, features)``: what the layer emits (flax cells emit ``h``);
+* ``init_carry(batch_size, dtype)``: the zero carry;
+* ``spec``: the compressed :class:`snapjax.CellSpec` when the cell has one (then RTRL/SnAp use
+  the compressed Jacobians), else ``None`` (the generic dense path, see
+  :mod:`snapjax.methods.dense`).
+
+Build it with :func:`as_recurrent` from a snapjax cell, a supported ``flax.linen`` cell, a
+:class:`snapjax.CellSpec` or any ``flax.linen`` module ``(carry, x) -> (carry, y)``::
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> cell = as_recurrent(nn.GRUCell(4))
+    >>> params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+    >>> carry = cell.apply(params, cell.init_carry(2), jnp.ones((2, 3)))
+    >>> cell.output(carry).shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from snapjax.cells.builtin import as_cell_spec
+from snapjax.cells.spec import CellSpec, cell_step
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["Recurrent", "as_recurrent"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recurrent:
+    """Static view of a recurrent cell on the flax carry (hash by identity).
+
+    Attributes:
+      name: for messages.
+      apply: ``apply(params, carry, x) -> carry`` (pure, batched over the leading axis).
+      output: ``output(carry) -> (B, features)``.
+      init_carry: ``init_carry(batch_size, dtype=float32) -> carry`` of zeros.
+      spec: compressed form, or ``None`` for a generic cell.
+      module: the object it was built from (a flax module, a spec, ...).
+
+    Example (an LSTM, compressed and forced onto the generic path)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> rec = sj.as_recurrent(nn.LSTMCell(4))
+        >>> rec.name, rec.spec is sj.lstm_spec(4)
+        ('lstm', True)
+        >>> params = rec.init_params(jax.random.key(0), 3)
+        >>> rec.input_size(params), params["hi"]["kernel"].shape
+        (3, (4, 4))
+        >>> c, h = rec.apply(params, rec.init_carry(2), jnp.ones((2, 3)))
+        >>> generic = sj.as_recurrent(nn.LSTMCell(4), generic=True)
+        >>> generic.spec is None, bool(jnp.allclose(generic.output(generic.apply(params, (c, h), jnp.ones((2, 3)))),
+        ...                                         rec.output(rec.apply(params, (c, h), jnp.ones((2, 3)))), atol=1e-6))
+        (True, True)
+    """
+
+    name: str
+    apply: Callable[[PyTree, PyTree, Array], PyTree]
+    output: Callable[[PyTree], Array]
+    init_carry: Callable[..., PyTree]
+    spec: CellSpec | None = None
+    module: Any = None
+
+    def init_params(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> PyTree:
+        """``module.init(...)['params']`` for a flax module (``ValueError`` for a bare spec)."""
+        if not isinstance(self.module, nn.Module):
+            raise ValueError(f"{self.name}: cannot initialise parameters of a {type(self.module).__name__}; pass them")
+        x0 = jnp.zeros((1, input_size), dtype)
+        return self.module.init(key, self.init_carry(1, dtype), x0)["params"]
+
+    def input_size(self, params: PyTree) -> int | None:
+        """The input size read from ``params`` (compressed cells), else ``None``."""
+        return None if self.spec is None else self.spec.input_size(params)
+
+
+def _from_spec(spec: CellSpec, module: Any) -> Recurrent:
+    def apply(params, carry, x):
+        return spec.from_internal(cell_step(spec, params, spec.to_internal(carry), x))
+
+    def output(carry):
+        return spec.layer_output(spec.to_internal(carry))
+
+    def init_carry(batch_size, dtype=jnp.float32):
+        return spec.from_internal(spec.zero_state(int(batch_size), dtype))
+
+    return Recurrent(spec.name, apply, output, init_carry, spec, module)
+
+
+def _default_output(carry):
+    """flax convention: an array carry is ``h``; a tuple carry ends with ``h`` (LSTM ``(c, h)``)."""
+    return carry[-1] if isinstance(carry, (tuple, list)) else carry
+
+
+def _from_module(module: nn.Module, output: Callable | None) -> Recurrent:
+    out_fn = output or _default_output
+
+    def apply(params, carry, x):
+        return module.apply({"params": params}, carry, x)[0]
+
+    def init_carry(batch_size, dtype=jnp.float32):
+        features = getattr(module, "features", None)
+        if features is None:
+            raise ValueError(f"{type(module).__name__}: generic cells need a `features` attribute for the zero carry")
+        carry = module.initialize_carry(jax.random.key(0), (int(batch_size), 1))
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, dtype), carry)
+
+    return Recurrent(type(module).__name__, apply, out_fn, init_carry, None, module)
+
+
+def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = False) -> Recurrent:
+    """The :class:`Recurrent` view of ``cell``.
+
+    Args:
+      cell: a :class:`Recurrent` (returned as is), a :class:`snapjax.CellSpec`, a snapjax cell
+        (anything with a ``.spec``), a supported ``flax.linen`` cell (``GRUCell``, ``LSTMCell``,
+        ``SimpleCell``; see :func:`snapjax.as_cell_spec`), or any ``flax.linen`` module called
+        as ``module(carry, x) -> (carry, y)`` with ``initialize_carry`` (the generic path).
+      output: for generic modules, ``output(carry) -> y``; default: the carry itself, or its
+        last element for a tuple carry (flax's ``(c, h)``).
+      generic: use the generic dense path even when a compressed form exists (for comparisons).
+
+    Raises:
+      ValueError: ``cell`` is neither a supported cell nor a flax module.
+
+    Example (a flax module without a compressed form takes the generic path)::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> from snapjax.cells.recurrent import as_recurrent
+        >>> class NormGRU(nn.Module):                 # a GRU with layer norm: mixes the units
+        ...     features: int
+        ...     @nn.compact
+        ...     def __call__(self, carry, x):
+        ...         h = nn.LayerNorm()(nn.GRUCell(self.features)(carry, x)[0])
+        ...         return h, h
+        ...     def initialize_carry(self, rng, input_shape):
+        ...         return jnp.zeros(input_shape[:-1] + (self.features,))
+        >>> rec = as_recurrent(NormGRU(4))
+        >>> rec.name, rec.spec is None
+        ('NormGRU', True)
+        >>> params = rec.init_params(jax.random.key(0), 3)
+        >>> rec.output(rec.apply(params, rec.init_carry(2), jnp.ones((2, 3)))).shape
+        (2, 4)
+        >>> as_recurrent("gru")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: unsupported cell str: ...
+    """
+    if isinstance(cell, Recurrent):
+        return cell
+    if type(cell).__name__ == "NNXLayer":  # snapjax.training.model.NNXLayer: an nnx cell's spec
+        cell = cell.spec
+    if not generic:
+        try:
+            spec = as_cell_spec(cell)
+        except ValueError:
+            spec = None
+        if spec is not None:
+            return _from_spec(spec, cell)
+    if isinstance(cell, nn.Module):
+        return _from_module(cell, output)
+    raise ValueError(
+        f"unsupported cell {type(cell).__name__}: expected a snapjax cell, a flax.linen recurrent cell, "
+        "a CellSpec or a flax.linen module (carry, x) -> (carry, y)"
+    )

@@ -1,0 +1,105 @@
+"""Per-step Jacobians of a cell in compressed form.
+
+For a cell ``s'_u = φ(a_{·,u}, θᵘ_u, s_u)`` with projections ``a_p = v_p (W_p ⊙ M_p) + b_p``
+(see :mod:`snapjax.cells`), the chain rule gives, per example ``b``:
+
+* ``dphi_pre[b, u, a, p] = ∂φ_{u,a} / ∂a_{p,u}``               shape ``(B, units, m, P)``
+* ``dphi_unit[b, u, a, q] = ∂φ_{u,a} / ∂θᵘ_{q,u}``            shape ``(B, units, m, Q)``
+* ``dphi_state[b, u, a, c] = ∂φ_{u,a} / ∂s_{u,c}`` (direct)   shape ``(B, units, m, m)``
+
+all from one ``jax.linearize`` of ``φ`` evaluated on all-ones tangents (valid because
+``φ`` acts unit by unit).  From these:
+
+* dynamics Jacobian ``D[(u,a),(v,c)] = δ_uv dphi_state[u,a,c]
+  + δ_{c,readout} Σ_{p∈state} dphi_pre[u,a,p] (W_p ⊙ M_p)[v, u]``;
+* immediate Jacobian of kernel entry ``W_p[j, i]``: nonzero only on unit ``i``,
+  ``∂s'_{i,a}/∂W_p[j,i] = dphi_pre[i,a,p] · v_p[j]`` (an outer product, never a k×p matrix);
+  of a bias ``b_p[i]``: ``dphi_pre[i,a,p]``; of a unit parameter: ``dphi_unit[i,a,q]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from snapjax.cells.spec import CellSpec, masked_kernel, preactivations
+
+Array = jax.Array
+
+
+class StepJacobians(NamedTuple):
+    """Compressed Jacobians of one step (see module docstring for the maths).
+
+    Attributes:
+      new_state: ``s_t``, ``(B, units, m)``.
+      dphi_pre: ``(B, units, m, P)``, P = number of projections (spec order).
+      dphi_unit: ``(B, units, m, Q)``, Q = number of unit parameters (may be 0).
+      dphi_state: ``(B, units, m, m)``, the direct (within-unit) state derivative.
+      inputs: the vectors the projections read: ``{"input": x (B, n_in), "state": h (B, units)}``.
+    """
+
+    new_state: Array
+    dphi_pre: Array
+    dphi_unit: Array
+    dphi_state: Array
+    inputs: dict
+
+
+def step_jacobians(
+    spec: CellSpec, params: Any, s: Array, x: Array, masks: Any = None, precision=None
+) -> StepJacobians:
+    """Forward one step and return its compressed Jacobians.
+
+    Args:
+      spec: the cell.
+      params: parameter dict (flax.linen names).
+      s: state ``(B, units, m)``; x: input ``(B, n_in)``.
+      masks: optional static masks per projection name.
+    """
+    h = spec.output(s)
+    pre = preactivations(spec, params, h, x, masks, precision)
+    unit = {q: params[q] for q in spec.unit_params}
+
+    new_state, lin = jax.linearize(spec.phi, pre, unit, s)
+
+    names = [p.name for p in spec.projections]
+    zero_pre = {k: jnp.zeros_like(v) for k, v in pre.items()}
+    zero_unit = {k: jnp.zeros_like(v) for k, v in unit.items()}
+    zero_s = jnp.zeros_like(s)
+
+    def basis():
+        for n in names:
+            yield {**zero_pre, n: jnp.ones_like(pre[n])}, zero_unit, zero_s
+        for q in spec.unit_params:
+            yield zero_pre, {**zero_unit, q: jnp.ones_like(unit[q])}, zero_s
+        for c in range(spec.state_dim):
+            yield zero_pre, zero_unit, zero_s.at[..., c].set(1.0)
+
+    tangents = jax.tree.map(lambda *xs: jnp.stack(xs), *basis())
+    outs = jax.vmap(lin)(*tangents)  # (P + Q + m, B, units, m)
+    outs = jnp.moveaxis(outs, 0, -1)  # (B, units, m, P + Q + m)
+    n_p, n_q = len(names), len(spec.unit_params)
+    return StepJacobians(
+        new_state=new_state,
+        dphi_pre=outs[..., :n_p],
+        dphi_unit=outs[..., n_p : n_p + n_q],
+        dphi_state=outs[..., n_p + n_q :],
+        inputs={"input": x, "state": h},
+    )
+
+
+def dense_dynamics(spec: CellSpec, params: Any, jac: StepJacobians, masks: Any = None) -> Array:
+    """Full per-example dynamics Jacobian ``D``, shape ``(B, units, m, units, m)``.
+
+    ``D[b, u, a, v, c] = ∂s'_{u,a} / ∂s_{v,c}``.  Used by exact RTRL.
+    """
+    idx = [i for i, p in enumerate(spec.projections) if p.source == "state"]
+    eye = jnp.eye(spec.units, dtype=jac.dphi_state.dtype)
+    if not idx:  # no recurrent projection (e.g. the LRU): D is block-diagonal per unit
+        return jnp.einsum("buac,uv->buavc", jac.dphi_state, eye)
+    kernels = jnp.stack([masked_kernel(params, spec.projections[i].name, masks) for i in idx])  # (Ps, v, u)
+    off = jnp.einsum("buap,pvu->buav", jac.dphi_pre[..., idx], kernels)
+    d = jnp.zeros(off.shape + (spec.state_dim,), off.dtype).at[..., spec.readout].set(off)
+    return d + jnp.einsum("buac,uv->buavc", jac.dphi_state, eye)

@@ -1,0 +1,154 @@
+"""What an :class:`snapjax.OnlineLearner`'s options resolve to, checked before anything runs:
+the model's stages, the online method of each recurrent stage, and the shapes of a step's or a
+chunk's inputs.
+
+Every check raises ``ValueError`` with what was expected and what was given.
+
+Example::
+
+    >>> import flax.linen as nn, snapjax as sj
+    >>> from snapjax.training.config import resolve_model, resolve_stage_methods
+    >>> model, stages = resolve_model([nn.GRUCell(4), nn.GRUCell(4)], 2, "layerwise", "step")
+    >>> [s.recurrent for s in stages], resolve_stage_methods("snap1", stages, None, None)
+    ([True, True, False], ('snap1', 'snap1'))
+    >>> resolve_stage_methods(["rtrl"], stages, None, None)
+    Traceback (most recent call last):
+        ...
+    ValueError: 1 methods given for 2 recurrent stages
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapjax.methods.base import OnlineMethod
+from snapjax.methods.registry import check_options, online_method, uses_window
+from snapjax.training.model import OnlineModel, Stage, input_sizes, stage_masks
+from snapjax.training.online_state import OnlineState
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["check_positive_int", "check_mesh_axes", "resolve_model", "resolve_stage_methods",
+           "build_stage_methods", "check_step_inputs", "check_chunk"]
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a positive int (or ``None`` with ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_mesh_axes(batch_axis: Any, param_axis: Any) -> None:
+    """Mesh axis names: each a non-empty str or ``None``, and not the same axis."""
+    for name, axis in (("batch_axis", batch_axis), ("param_axis", param_axis)):
+        if axis is not None and (not isinstance(axis, str) or not axis):
+            raise ValueError(f"{name} must be a mesh axis name (a non-empty str) or None, got {axis!r}")
+    if batch_axis is not None and batch_axis == param_axis:
+        raise ValueError(f"batch_axis and param_axis must be different mesh axes, got {batch_axis!r} for both")
+
+
+def resolve_model(model: Any, readout_size: Any, stack: str, encoder: str) -> tuple[OnlineModel, list[Stage]]:
+    """The :class:`snapjax.OnlineModel` of ``model`` (a model, a list of layers or one cell, with
+    a ``Dense(readout_size)`` head appended if given) and its stages."""
+    if not isinstance(model, OnlineModel):
+        layers = list(model) if isinstance(model, (list, tuple)) else [model]
+        if readout_size is not None:
+            check_positive_int("readout_size", readout_size)
+            dtype = next((getattr(m, "param_dtype") for m in layers if hasattr(m, "param_dtype")), jnp.float32)
+            layers.append(nn.Dense(int(readout_size), param_dtype=dtype))
+        model = OnlineModel(layers)
+    elif readout_size is not None:
+        raise ValueError("readout_size is only for a cell or a list of layers; add the head to the OnlineModel")
+    return model, model.stages(stack, encoder)
+
+
+def resolve_stage_methods(method: Any, stages: Sequence[Stage], n: int | None, window: int | None) -> tuple:
+    """One method (a registered name or an :class:`OnlineMethod`) per recurrent stage, with
+    names and options validated now rather than at the first step."""
+    recs = [s for s in stages if s.recurrent]
+    methods = list(method) if isinstance(method, (list, tuple)) else [method] * len(recs)
+    if len(methods) != len(recs):
+        raise ValueError(f"{len(methods)} methods given for {len(recs)} recurrent stages")
+    if any(isinstance(m, OnlineMethod) for m in methods) and len(recs) != 1:
+        raise ValueError("an OnlineMethod object fits one recurrent stage; pass names for a stack")
+    for m in methods:
+        if not isinstance(m, (str, OnlineMethod)):
+            raise ValueError(f"method must be a name or an OnlineMethod, got {type(m).__name__}")
+        if isinstance(m, str):
+            check_options(m, n, window, strict=False)
+    if window is not None and not any(isinstance(m, str) and uses_window(m) for m in methods):
+        raise ValueError("tbptt_window is only used with method='tbptt' (in at least one stage)")
+    return tuple(methods)
+
+
+def build_stage_methods(
+    stages: Sequence[Stage], methods: Sequence[Any], params: PyTree, input_size: int | None, *, n: int | None,
+    masks: Any, precision: Any, window: int | None, batch_axis: str | None, chunk: int | None, chunked: bool,
+    update_every: int | None,
+) -> tuple[OnlineMethod, ...]:
+    """The online method of each recurrent stage for parameters shaped like ``params`` (names
+    built with :func:`snapjax.online_method`; chunked forms where the period allows)."""
+    stages = list(stages)
+    out, sizes = [], input_sizes(stages, params, input_size)
+    recs = [s for s in stages if s.recurrent]
+    for stage, spec in zip(recs, methods):
+        if isinstance(spec, OnlineMethod):
+            out.append(spec)
+            continue
+        kw = dict(n=n, masks=stage_masks(stages, masks, stage), precision=precision, input_size=sizes[stage.index],
+                  window=window, batch_axis=batch_axis, strict_options=False)
+        if chunk is not None:
+            kw.update(chunk=chunk, chunk_policy="require")
+        elif chunked and (update_every or 1) > 1:
+            kw.update(chunk=update_every, chunk_policy="prefer")
+        out.append(online_method(spec, stage.module, stage.params(params), **kw))
+    K = update_every if update_every is not None else int(np.lcm.reduce([m.period for m in out]))
+    for m in out:
+        if K % m.period:
+            raise ValueError(f"update_every={K} is not a multiple of {m.name}'s period {m.period}")
+    return tuple(out)
+
+
+def check_step_inputs(state: OnlineState, x: Array, mask: Array | None) -> int:
+    """The batch size; ``ValueError`` unless ``x`` is ``(B, n_in)`` floating point and ``mask``
+    ``(B,)``."""
+    batch = jax.tree.leaves(state.carry[0])[0].shape[0]
+    if jnp.ndim(x) != 2 or jnp.shape(x)[0] != batch:
+        raise ValueError(
+            f"x_t must have shape ({batch}, n_in), got {jnp.shape(x)} (chunks are time-major (T, B, n_in))"
+        )
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"inputs must be floating point, got {jnp.result_type(x)}")
+    if mask is not None and jnp.shape(mask) != (batch,):
+        raise ValueError(
+            f"the loss mask must have shape ({batch},) per step, i.e. (T, {batch}) for a chunk "
+            f"(time-major), got {jnp.shape(mask)}"
+        )
+    return batch
+
+
+def check_chunk(state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> Array:
+    """``xs`` as an array; ``ValueError`` unless ``xs (T, B, n_in)``, targets ``(T, ...)`` and
+    ``masks (T, B)`` are time-major with the state's batch."""
+    xs = jnp.asarray(xs)
+    batch = jax.tree.leaves(state.carry[0])[0].shape[0]
+    if jnp.ndim(xs) != 3 or jnp.shape(xs)[1] != batch:
+        raise ValueError(
+            f"xs must be time-major (T, {batch}, n_in), got {jnp.shape(xs)}"
+            + (" (batch-major? transpose to (T, B, n_in))" if jnp.ndim(xs) == 3 and jnp.shape(xs)[0] == batch else "")
+        )
+    T = xs.shape[0]
+    for leaf in jax.tree.leaves(ys):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != T:
+            raise ValueError(f"targets must be time-major with leading axis T={T}, got shape {jnp.shape(leaf)}")
+    if masks is not None and jnp.shape(masks) != (T, batch):
+        raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
+    return xs
