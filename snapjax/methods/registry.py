@@ -55,6 +55,7 @@ OPTIONS: Mapping[str, str] = {
     "layout": "SnAp-n storage override ('table' or 'dense')",
     "block": "units per block (activity-sparse RTRL)",
     "eps": "stabiliser of a norm ratio (UORO)",
+    "decay": "trace decay factor in [0, 1) (ES-D-RTRL)",
     "input_size": "the cell's input size where params do not tell it (generic cells)",
     "verify": "check a user CellSpec against autodiff before use",
     "batch_axis": "mesh axis the batch is split over inside jax.shard_map (per-device random streams)",
@@ -286,6 +287,7 @@ def online_method(
     layout: str | None = None,
     block: int | float | None = None,
     eps: float | None = None,
+    decay: float | None = None,
     input_size: int | None = None,
     verify: bool = True,
     strict_options: bool = True,
@@ -306,6 +308,7 @@ def online_method(
       layout: SnAp-n storage override (``"table"`` or ``"dense"``).
       block: units per block (activity-sparse RTRL).
       eps: UORO's stabiliser (default ``1e-7``).
+      decay: a trace's decay factor in ``[0, 1)`` (ES-D-RTRL).
       input_size: the cell's input size where ``params`` do not tell it (generic cells).
       verify: check a user :class:`snapjax.CellSpec` against ``jax.jvp`` before use.
       batch_axis: the mesh axis the batch is split over inside ``jax.shard_map`` (the learner's
@@ -350,7 +353,7 @@ def online_method(
             raise ValueError(f"chunk= is only for methods with a chunked form ('rtrl', 'snap1'), not {name!r}")
         chunk = None  # "prefer": this method has no chunked form; run it per step
     given = dict(n=n, masks=masks, precision=precision, window=window, chunk=chunk, layout=layout, block=block,
-                 eps=eps, input_size=input_size, verify=verify, batch_axis=batch_axis)
+                 eps=eps, decay=decay, input_size=input_size, verify=verify, batch_axis=batch_axis)
     kwargs = {k: v for k, v in given.items() if k in entry.options}
     if "chunk" in entry.options:  # a method with a chunked form for some orders decides with the policy
         kwargs["chunk_policy"] = chunk_policy
