@@ -16,7 +16,8 @@ from snapjax.methods.registry import lookup_method
 
 
 def test_builtin_methods_are_registered_in_order():
-    assert list(sj.registered_methods())[:5] == ["rtrl", "snap", "uoro", "tbptt", "activity"]
+    assert list(sj.registered_methods())[:10] == ["rtrl", "snap", "drtrl", "ostl", "uoro", "tbptt", "activity",
+                                                  "immediate", "sliding_tbptt", "esdrtrl"]
     entry, n = lookup_method("SnAp-3")
     assert (entry.name, n, entry.ordered) == ("snap", 3, True)
     assert lookup_method("activity_rtrl")[0].name == "activity"
@@ -108,7 +109,8 @@ def test_unknown_name_lists_user_methods(user_methods):
     params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
     with pytest.raises(ValueError, match=r"unknown method 'user_imediate'; known methods: .*'user_immediate'"):
         sj.online_method("user_imediate", nn.GRUCell(4), params)
-    with pytest.raises(ValueError, match=r"known methods: 'rtrl', 'snapN', 'uoro', 'tbptt', 'activity'.*'user-diag'"):
+    with pytest.raises(ValueError, match=r"known methods: 'rtrl', 'snapN', 'drtrl', 'ostl', 'uoro', 'tbptt', "
+                       r"'activity', 'immediate', 'sliding_tbptt', 'esdrtrl'.*'user-diag'"):
         sj.OnlineLearner(nn.GRUCell(4), method="nope")
 
 

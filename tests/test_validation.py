@@ -23,7 +23,6 @@ def gru():
     ("snap", 0, "n >= 1"),
     ("snap", -2, "n >= 1"),
     ("snap", 1.5, "n >= 1"),
-    ("snap0", None, "n >= 1"),
     ("snap2", 3, "conflicts"),
     ("rtrl", 2, "takes no n"),
     (3, None, "must be a string"),
@@ -32,6 +31,15 @@ def test_bad_method(gru, method, n, match):
     cell, params = gru
     with pytest.raises(ValueError, match=match):
         sj.online_method(method, cell, params, n=n)
+
+
+def test_snap0_is_the_immediate_rule(gru):
+    """"snap0" is SnAp-0, the immediate rule (not an invalid SnAp order: "snap" with n=0 is)."""
+    cell, params = gru
+    method = sj.online_method("snap0", cell, params)
+    assert type(method).__name__ == "Immediate" and method.name == "immediate"
+    with pytest.raises(ValueError, match="n >= 1"):
+        sj.online_method("snap", cell, params, n=0)
 
 
 def test_bad_layout(gru):

@@ -17,6 +17,16 @@ name                method (file)
                     :mod:`~snapjax.methods.tbptt`)
 ``"activity"``      exact RTRL that skips silent units (activity-sparse cells such as EGRU;
                     :mod:`~snapjax.methods.activity`)
+``"drtrl"``         D-RTRL: SnAp-1 under braintrace's name (:mod:`~snapjax.methods.rtrl`)
+``"ostl"``          OSTL: exact RTRL per layer of a stack, i.e. ``"rtrl"``
+                    (:mod:`~snapjax.methods.rtrl`)
+``"immediate"``     SnAp-0 (alias ``"snap0"``): the immediate Jacobian only, the gradient of
+                    ``L_t`` with ``s_{t-1}`` held fixed (any cell; :mod:`~snapjax.methods.immediate`)
+``"sliding_tbptt"`` sliding-window truncated BPTT: every step, the gradient of ``L_t``
+                    through the last ``window`` steps (any cell;
+                    :mod:`~snapjax.methods.sliding_tbptt`)
+``"esdrtrl"``       ES-D-RTRL (braintrace's ``pp_prop``): D-RTRL's trace factorised per weight
+                    matrix (cells with one state per unit; :mod:`~snapjax.methods.esdrtrl`)
 ==================  ========================================================================
 
 :func:`registered_methods` lists what is registered now (user methods included).
@@ -46,7 +56,7 @@ from snapjax.methods.registry import (
 
 # The built-in methods register themselves when imported; this order is the listing order.
 # isort: off
-from snapjax.methods import rtrl, uoro, tbptt, activity  # noqa: E402, F401
+from snapjax.methods import rtrl, uoro, tbptt, activity, immediate, sliding_tbptt, esdrtrl  # noqa: E402, F401
 # isort: on
 
 __all__ = ["OnlineMethod", "StepResult", "online_method", "register_method", "unregister_method",

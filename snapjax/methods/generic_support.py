@@ -1,9 +1,10 @@
-"""Checks and masks shared by the online methods for generic cells (dense RTRL / SnAp-n, UORO).
+"""Checks and masks shared by the online methods for generic cells (dense RTRL / SnAp-n, UORO,
+the immediate rule, sliding-window TBPTT).
 
 Owns parameter checks (:func:`check_params`), static 0/1 parameter masks aligned with the
 parameter leaves (:func:`param_masks`, :class:`ParamMasks`), the matmul precision of a cell step
-(:func:`matmul_precision`, :func:`check_precision`) and the carry/input shape checks of a
-generic cell (:class:`CarryCheck`).
+(:func:`matmul_precision`, :func:`check_precision`), the carry/input shape checks of a
+generic cell (:class:`CarryCheck`) and the input size of a cell (:func:`input_size_of`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from snapjax.cells.recurrent import Recurrent
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["check_params", "ParamMasks", "param_masks", "matmul_precision", "check_precision", "CarryCheck"]
+__all__ = ["check_params", "ParamMasks", "param_masks", "matmul_precision", "check_precision", "CarryCheck",
+           "input_size_of"]
 
 
 def check_params(name: str, params: PyTree) -> list:
@@ -178,3 +180,21 @@ class CarryCheck:
         if jnp.ndim(x) != 2 or jnp.shape(x)[0] != batch:
             raise ValueError(f"{self.name}: x must have shape ({batch}, n_in), got {jnp.shape(x)}")
         return batch
+
+
+def input_size_of(cell: Recurrent, params: PyTree, input_size: Any, what: str) -> int:
+    """``n_in`` of ``cell``: ``input_size`` if given, else read from ``params`` (compressed cells).
+
+    Args:
+      cell: the :class:`snapjax.Recurrent`.  params: its parameters (shapes only).
+      input_size: the caller's ``input_size`` option, or ``None``.  what: the method's name
+      (for messages).
+    Raises:
+      ValueError: a generic cell without ``input_size``, or one that is not a positive int.
+    """
+    n_in = cell.input_size(params) if input_size is None else input_size
+    if n_in is None:
+        raise ValueError(f"{cell.name}: {what} of a generic cell needs input_size=n_in (the state stores inputs)")
+    if isinstance(n_in, bool) or not isinstance(n_in, (int, np.integer)) or n_in < 1:
+        raise ValueError(f"{what}: input_size must be a positive int, got {n_in!r}")
+    return int(n_in)

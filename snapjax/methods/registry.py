@@ -193,8 +193,8 @@ def registered_methods() -> dict[str, MethodEntry]:
     Example::
 
         >>> import snapjax as sj
-        >>> list(sj.registered_methods())[:5]
-        ['rtrl', 'snap', 'uoro', 'tbptt', 'activity']
+        >>> list(sj.registered_methods())[:7]
+        ['rtrl', 'snap', 'drtrl', 'ostl', 'uoro', 'tbptt', 'activity']
         >>> sj.registered_methods()["snap"].ordered
         True
     """

@@ -21,6 +21,13 @@ method         per step and example        memory per example
                of ``K`` slots per unit     ``n < k``, exact for ``n >= k``
 =============  ==========================  ======================================================
 
+Two more names build the same methods: ``"drtrl"`` (alias ``"d_rtrl"``) is SnAp-1 — D-RTRL,
+braintrace's name for SnAp-1 of a cell with one state per unit — and ``"ostl"`` is exact RTRL:
+OSTL (Bohnstingl, Woźniak, Pantazi, Eleftheriou, "Online spatio-temporal learning in deep neural
+networks", IEEE TNNLS 2022, doi:10.1109/TNNLS.2022.3153985) is exact RTRL within each layer with
+the gradient passed between layers at the same step, which is what
+:class:`snapjax.OnlineLearner` does for a stack with ``"rtrl"`` in every layer.
+
 Example::
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
@@ -30,6 +37,8 @@ Example::
     ['CompressedInfluence', 'ChunkedInfluence', 'CompressedInfluence']
     >>> type(sj.online_method("snap1", sj.as_recurrent(nn.GRUCell(4), generic=True), params)).__name__
     'DenseInfluence'
+    >>> [sj.online_method(m, nn.GRUCell(4), params).name for m in ("drtrl", "D-RTRL", "ostl")]
+    ['snap1', 'snap1', 'rtrl']
 """
 
 from __future__ import annotations
@@ -98,8 +107,17 @@ def _build_rtrl(cell: Recurrent, params: PyTree, **options: Any) -> OnlineMethod
     return build_influence_method(cell, params, n=None, **options)
 
 
+def _build_snap1(cell: Recurrent, params: PyTree, **options: Any) -> OnlineMethod:
+    return build_influence_method(cell, params, n=1, **options)
+
+
 _OPTIONS = ("masks", "precision", "chunk", "layout", "verify")
 register_method("rtrl", _build_rtrl, options=_OPTIONS,
                 summary="exact RTRL: the full influence J_t = D_t J_{t-1} + I_t (chunk=K: forward-backward hybrid)")
 register_method("snap", build_influence_method, options=_OPTIONS, ordered=True,
                 summary="SnAp-n: the influence masked to its n-step pattern (n >= k: exact RTRL)")
+# Other names for the same methods (what "snap1" / "rtrl" build, with the same options).
+register_method("drtrl", _build_snap1, options=_OPTIONS, aliases=("d_rtrl",),
+                summary="D-RTRL (braintrace): SnAp-1, one diagonal influence trace per parameter")
+register_method("ostl", _build_rtrl, options=_OPTIONS,
+                summary="OSTL (Bohnstingl et al. 2022): exact RTRL per layer (a stack: spatial backprop)")
