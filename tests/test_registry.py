@@ -116,7 +116,7 @@ def test_unknown_name_lists_user_methods(user_methods):
 
 def test_options_a_method_does_not_take(user_methods):
     params = nn.GRUCell(4).init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)))["params"]
-    with pytest.raises(ValueError, match="window= .* is only for 'tbptt', not 'user_immediate'"):
+    with pytest.raises(ValueError, match="window= .* is only for methods with a window \\('tbptt', 'sliding_tbptt'\\), not 'user_immediate'"):
         sj.online_method("user_immediate", nn.GRUCell(4), params, window=3)
     with pytest.raises(ValueError, match="chunk= is only for methods with a chunked form"):
         sj.online_method("user_immediate", nn.GRUCell(4), params, chunk=4)
@@ -166,3 +166,17 @@ def test_ordered_user_method():
         sj.unregister_method("mysnap")
     with pytest.raises(KeyError, match="mysnap"):
         sj.unregister_method("mysnap")
+
+
+def test_learner_method_options_reach_the_methods_that_take_them():
+    learner = sj.OnlineLearner([nn.GRUCell(4), nn.GRUCell(4)], readout_size=2, method=["esdrtrl", "uoro"],
+                               method_options={"decay": 0.5, "eps": 1e-5})
+    state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    esd, uoro = learner.methods(state.params)
+    assert (esd.decay, uoro.eps) == (0.5, 1e-5)
+    with pytest.raises(ValueError, match=r"method_options\['window'\]: set it with the learner's tbptt_window"):
+        sj.OnlineLearner(nn.GRUCell(4), method_options={"window": 3})
+    with pytest.raises(ValueError, match="method_options has an unknown option 'decy'"):
+        sj.OnlineLearner(nn.GRUCell(4), method_options={"decy": 0.5})
+    with pytest.raises(ValueError, match="method_options must be a dict"):
+        sj.OnlineLearner(nn.GRUCell(4), method_options=0.5)

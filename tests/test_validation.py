@@ -148,5 +148,5 @@ def test_bad_learner_configuration():
     with pytest.raises(ValueError, match="update_every=3 is not a multiple"):
         learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2, method="tbptt", tbptt_window=2, update_every=3)
         learner.init(jax.random.key(0), batch_size=2, input_size=1)
-    with pytest.raises(ValueError, match="is only for 'tbptt'"):
+    with pytest.raises(ValueError, match="is only for methods with a window"):
         sj.online_method("snap1", nn.GRUCell(4), {}, window=3)

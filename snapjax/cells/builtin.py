@@ -221,14 +221,20 @@ def lstm_spec(units: int, gate_fn: Callable = jax.nn.sigmoid, activation: Callab
     )
 
 
+_LINEN = (nn.GRUCell, nn.LSTMCell, nn.OptimizedLSTMCell, nn.SimpleCell, nn.MGUCell)
+
+
 def as_cell_spec(cell: Any, params: Any = None) -> CellSpec:
     """Return the :class:`CellSpec` of a snapjax cell, a supported flax.linen cell or a spec.
 
     Supported flax.linen cells, with their own parameters unchanged: ``GRUCell``, ``LSTMCell``
     and ``OptimizedLSTMCell`` (same parameters and maths), ``SimpleCell`` (also residual),
     ``MGUCell`` (either ``reset_gate``), with any ``gate_fn``/``activation_fn``; ``features``
-    gives the number of units.  Other cells (e.g. ``ConvLSTMCell``) raise ``ValueError``: write
-    a :class:`CellSpec` for them (module docstring) or use the generic dense path.
+    gives the number of units.  Only those exact classes: a subclass may change the maths or add
+    parameters, and a cell with a computation ``dtype`` other than its parameters' is not what
+    the compressed form computes; these, and other cells (e.g. ``ConvLSTMCell``), raise
+    ``ValueError`` (:func:`snapjax.as_recurrent` then takes the generic path).  A snapjax cell
+    gives its ``spec``, unless its class overrides the step.
 
     Example::
 
@@ -246,14 +252,21 @@ def as_cell_spec(cell: Any, params: Any = None) -> CellSpec:
         return cell
     spec = getattr(cell, "spec", None)
     if isinstance(spec, CellSpec):
+        step = getattr(type(cell), "__call__", None)
+        if not getattr(step, "_snapjax_spec_step", False):  # a subclass that computes its own step
+            raise ValueError(f"{type(cell).__name__} overrides the step of its spec cell: the spec no longer "
+                             "describes it (it takes the generic path)")
         return spec
-    if isinstance(cell, nn.GRUCell):
+    if type(cell) in _LINEN and cell.dtype is not None and jnp.dtype(cell.dtype) != jnp.dtype(cell.param_dtype):
+        raise ValueError(f"flax {type(cell).__name__} with dtype={jnp.dtype(cell.dtype).name}: the compressed form computes in the "
+                         "parameters' dtype (it takes the generic path, which honours dtype)")
+    if type(cell) is nn.GRUCell:  # exact types: a subclass may change the maths or add parameters
         return gru_spec(cell.features, cell.gate_fn, cell.activation_fn)
-    if isinstance(cell, (nn.LSTMCell, nn.OptimizedLSTMCell)):
+    if type(cell) in (nn.LSTMCell, nn.OptimizedLSTMCell):
         return lstm_spec(cell.features, cell.gate_fn, cell.activation_fn)
-    if isinstance(cell, nn.SimpleCell):
+    if type(cell) is nn.SimpleCell:
         return vanilla_spec(cell.features, cell.activation_fn, bool(cell.residual))
-    if isinstance(cell, nn.MGUCell):
+    if type(cell) is nn.MGUCell:
         return mgu_spec(cell.features, cell.gate_fn, cell.activation_fn, bool(cell.reset_gate))
     raise ValueError(
         f"unsupported cell {type(cell).__name__}: use snapjax's VanillaCell/GRUCell/LSTMCell/EGRUCell, "

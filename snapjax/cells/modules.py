@@ -59,6 +59,8 @@ class _SpecCell(nn.Module):
         s = cell_step(spec, params, spec.to_internal(carry), inputs)
         return spec.from_internal(s), spec.layer_output(s)
 
+    __call__._snapjax_spec_step = True  # type: ignore[attr-defined]  # read by as_cell_spec
+
     def _params_from_scope(self, n_in: int) -> dict:
         spec = self.spec
         params = {}

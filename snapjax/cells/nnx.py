@@ -71,14 +71,14 @@ def _layout(cell: nnx.Module) -> tuple[CellSpec, dict]:
     def split(var, k):  # gate k of a fused (n_in, gates * H) kernel / (gates * H,) bias
         return var, slice(k * H, (k + 1) * H)
 
-    if isinstance(cell, nnx.OptimizedLSTMCell):
+    if type(cell) is nnx.OptimizedLSTMCell:
         spec = lstm_spec(H, cell.gate_fn, cell.activation_fn)
         vars_ = {f"i{g}": {"kernel": split(cell.dense_i.kernel, k)} for k, g in enumerate(_LSTM_GATES)}
         vars_.update({
             f"h{g}": {"kernel": split(cell.dense_h.kernel, k), "bias": split(cell.dense_h.bias, k)}
             for k, g in enumerate(_LSTM_GATES)
         })
-    elif isinstance(cell, nnx.LSTMCell):
+    elif type(cell) is nnx.LSTMCell:
         spec = lstm_spec(H, cell.gate_fn, cell.activation_fn)
         attr = {"i": "i", "f": "f_", "g": "g", "o": "o"}  # nnx names the input forget gate `if_`
         vars_ = {f"i{g}": {"kernel": (getattr(cell, "i" + attr[g]).kernel, full)} for g in _LSTM_GATES}
@@ -86,21 +86,26 @@ def _layout(cell: nnx.Module) -> tuple[CellSpec, dict]:
             f"h{g}": {"kernel": (getattr(cell, "h" + g).kernel, full), "bias": (getattr(cell, "h" + g).bias, full)}
             for g in _LSTM_GATES
         })
-    elif isinstance(cell, nnx.GRUCell):
+    elif type(cell) is nnx.GRUCell:
         spec = gru_spec(H, cell.gate_fn, cell.activation_fn, hn_bias=False)
         vars_ = {
             f"i{g}": {"kernel": split(cell.dense_i.kernel, k), "bias": split(cell.dense_i.bias, k)}
             for k, g in enumerate(_GRU_GATES)
         }
         vars_.update({f"h{g}": {"kernel": split(cell.dense_h.kernel, k)} for k, g in enumerate(_GRU_GATES)})
-    elif isinstance(cell, nnx.SimpleCell):
+    elif type(cell) is nnx.SimpleCell:
         spec = vanilla_spec(H, cell.activation_fn, bool(cell.residual))
         vars_ = {
             "i": {"kernel": (cell.dense_i.kernel, full), "bias": (cell.dense_i.bias, full)},
             "h": {"kernel": (cell.dense_h.kernel, full)},
         }
-    else:
-        raise ValueError(f"unsupported nnx cell {type(cell).__name__}: expected a {_SUPPORTED}")
+    else:  # subclasses too: their maths or parameters may differ from the built-in's
+        raise ValueError(f"unsupported nnx cell {type(cell).__name__}: expected a {_SUPPORTED} "
+                         "(exactly that class; a subclass may change the maths)")
+    dtype, param_dtype = getattr(cell, "dtype", None), getattr(cell, "param_dtype", None)
+    if dtype is not None and param_dtype is not None and jnp.dtype(dtype) != jnp.dtype(param_dtype):
+        raise ValueError(f"nnx {type(cell).__name__} with dtype={jnp.dtype(cell.dtype).name}: the compressed form computes in the "
+                         "parameters' dtype; use dtype=None or dtype=param_dtype")
     return spec, vars_
 
 

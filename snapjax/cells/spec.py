@@ -58,6 +58,7 @@ generic=True)``).  The built-in specs (``vanilla_spec``, ``gru_spec``, ``mgu_spe
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
@@ -152,6 +153,15 @@ class CellSpec:
     phi: PhiFn
     carry_kind: Literal["array", "tuple"] = "array"
     emit: Callable[[Array], Array] | None = None
+
+    def __post_init__(self):
+        for name in ("units", "state_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{self.name}: {name} must be a positive int, got {v!r}")
+        if not (isinstance(self.readout, numbers.Integral) and 0 <= self.readout < self.state_dim):
+            raise ValueError(f"{self.name}: readout must be a component index in [0, {self.state_dim}), "
+                             f"got {self.readout!r}")
 
     # ------------------------------------------------------------------ layout
     @property

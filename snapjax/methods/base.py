@@ -254,6 +254,13 @@ class OnlineMethod(abc.ABC):
           batch); windowed methods return zeros until the end of a period.
         """
 
+    def flush(self, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
+        """Close a partial period at the end of a stream: the gradient of the steps buffered
+        since the last period boundary (whose :meth:`gradient` calls returned zeros), and the
+        state at a boundary.  Call it after a step's :meth:`gradient`.  Default (nothing is
+        ever pending, ``period == 1``): zeros and the state unchanged."""
+        return jax.tree.map(jnp.zeros_like, params), state
+
     # ------------------------------------------------------------------ reset
     def reset(self, state: PyTree, where: Array, *, key: Array | None = None) -> PyTree:
         """Re-initialise the examples with ``where[b]`` True (e.g. a new sequence, or an

@@ -75,7 +75,9 @@ def _backward_diag(tracker: InfluenceTracker, chunk: int, params: PyTree, st: Ch
     B, U, m = st.cot.shape[0], spec.units, spec.state_dim
     idx = [j for j, p in enumerate(spec.projections) if p.source == "state"]
     diag = [jnp.diagonal(masked_kernel(params, spec.projections[j].name, tr.masks)) for j in idx]
-    rec = sum(st.dpre[:, :, j].reshape(B, K, U, m) * w[:, None] for j, w in zip(idx, diag))  # (B, K, U, m)
+    # (B, K, U, m); zeros for a cell without recurrent projections (LRU: a diagonal recurrence in φ)
+    rec = functools.reduce(operator.add, [st.dpre[:, :, j].reshape(B, K, U, m) * w[:, None] for j, w in zip(idx, diag)],
+                           jnp.zeros((B, K, U, m), st.dstate.dtype))
     dii = st.dstate.reshape(B, K, U, m, m).at[..., spec.readout].add(rec.astype(st.dstate.dtype))
     if pattern is not None:
         dii = dii * jnp.asarray(pattern[:, :, None], dii.dtype)

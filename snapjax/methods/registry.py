@@ -36,6 +36,7 @@ import numpy as np
 
 from snapjax.cells.recurrent import as_recurrent
 from snapjax.methods.base import OnlineMethod
+from snapjax.methods.generic_support import check_precision
 
 PyTree = Any
 
@@ -269,7 +270,9 @@ def check_options(
     if "window" in entry.options and window is None:
         raise ValueError(f"method {entry.name!r} needs window=W, W >= 1 (OnlineLearner: tbptt_window=W)")
     if "window" not in entry.options and window is not None and strict:
-        raise ValueError(f"window= (OnlineLearner: tbptt_window=) is only for 'tbptt', not {name!r}")
+        takers = [e.name for e in _REGISTRY.values() if "window" in e.options]
+        raise ValueError(f"window= (OnlineLearner: tbptt_window=) is only for methods with a window "
+                         f"({', '.join(map(repr, takers))}), not {name!r}")
     return entry.name, n
 
 
@@ -348,6 +351,13 @@ def online_method(
         raise ValueError("masks must be static (NumPy) arrays, not traced values: build the method outside jit")
     if chunk_policy not in ("require", "prefer"):
         raise ValueError(f"chunk_policy must be 'require' or 'prefer', got {chunk_policy!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (steps per chunk), got {chunk!r}")
+    if isinstance(precision, (tuple, list)) and len(precision) == 2:
+        for p in precision:
+            check_precision(p)
+    else:
+        check_precision(precision)
     if chunk is not None and "chunk" not in entry.options:
         if chunk_policy == "require":
             raise ValueError(f"chunk= is only for methods with a chunked form ('rtrl', 'snap1'), not {name!r}")

@@ -183,6 +183,22 @@ class TBPTT(OnlineMethod):
         new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
         return grads, state._replace(pos=new_pos, stepped=jnp.zeros((), bool))
 
+    def flush(self, params: PyTree, state: TBPTTState) -> tuple[PyTree, TBPTTState]:
+        """Close a partial window: the BPTT gradient of the ``pos`` steps buffered since the
+        window started (their ``gradient`` calls returned zeros), truncated at its start like a
+        full window; the next step starts a new window.  Zeros when ``pos == 0``."""
+        n = state.pos
+        keep = jnp.arange(self.window) < n  # positions of this window; the rest are stale
+
+        def partial(s):
+            def held(a):
+                return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+
+            return self._window_grad(params, s._replace(xs=held(s.xs), cot=jax.tree.map(held, s.cot)))
+
+        grads = lax.cond(n > 0, partial, lambda s: jax.tree.map(jnp.zeros_like, params), state)
+        return grads, state._replace(pos=jnp.zeros((), jnp.int32))
+
     def reset(self, state: TBPTTState, where: Array, *, key: Array | None = None) -> TBPTTState:
         """The examples in ``where`` restart from the zero carry at the next step; if called
         between a step and its ``gradient``, that step's buffered input is zeroed too (the

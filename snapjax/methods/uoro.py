@@ -45,6 +45,7 @@ Example (float32, flax GRU with 4 units)::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -53,7 +54,7 @@ import numpy as np
 from jax import lax
 
 from snapjax.cells.recurrent import Recurrent, as_recurrent
-from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, typed_key
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, select_examples, typed_key
 from snapjax.methods.generic_support import (
     CarryCheck,
     ParamMasks,
@@ -152,16 +153,27 @@ class UORO(OnlineMethod):
     batch_axis: str | None = None
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> UOROState:
-        """Zero ``s̃, θ̃`` for ``batch_size`` examples; ``key`` seeds the random signs
-        (``jax.random.key(0)`` if ``None``: pass distinct keys for independent estimates; a
-        raw ``uint32`` key is wrapped)."""
+        """Zero ``s̃, θ̃`` for ``batch_size`` examples; ``key`` seeds the random signs (a raw
+        ``uint32`` key is wrapped).  Without a key, ``jax.random.key(0)`` is used and a
+        ``UserWarning`` says so: states built that way (e.g. vmapped over seeds) share one
+        sequence of signs, so their estimates are not independent."""
         b = check_batch_size(batch_size)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"UORO state dtype must be floating point, got {dtype}")
-        key = jax.random.key(0) if key is None else typed_key(key)
+        if key is None:
+            warnings.warn("UORO.init without key= draws its random signs from jax.random.key(0): every state "
+                          "built without a key shares them; pass key=jax.random.key(seed)", UserWarning, stacklevel=2)
+            key = jax.random.key(0)
+        key = typed_key(key)
         s_tilde = self.cell.init_carry(b, dtype)
         theta = jax.tree.map(lambda s: jnp.zeros((b,) + tuple(s.shape), dtype), self.param_shapes)
         return UOROState(s_tilde, theta, key)
+
+    def reset(self, state: UOROState, where: Array, *, key: Array | None = None) -> UOROState:
+        """Zero ``s̃, θ̃`` of the examples in ``where``; the running key is kept (shared)."""
+        fresh = self.init(jnp.shape(where)[0], jnp.result_type(jax.tree.leaves(state.theta_tilde)[0]),
+                          key=state.key if key is None else key)
+        return select_examples(jnp.asarray(where, bool), fresh, state, self.batch_axes())
 
     def batch_axes(self) -> UOROState:
         return UOROState(s_tilde=0, theta_tilde=0, key=None)  # type: ignore[arg-type]

@@ -19,23 +19,24 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from snapjax.methods.base import OnlineMethod
-from snapjax.methods.registry import check_options, online_method, uses_window
+from snapjax.methods.registry import OPTIONS, check_options, online_method, uses_window
 from snapjax.training.model import OnlineModel, Stage, input_sizes, stage_masks
 from snapjax.training.online_state import OnlineState
 
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["check_positive_int", "check_mesh_axes", "resolve_model", "resolve_stage_methods",
-           "build_stage_methods", "check_step_inputs", "check_chunk"]
+__all__ = ["resolve_learner", "check_method_options", "check_positive_int", "check_optimizer", "check_finite_params", "check_mesh_axes", "check_mask_layers", "resolve_model", "resolve_stage_methods",
+           "build_stage_methods", "check_step_inputs", "check_chunk", "check_loss_weights"]
 
 
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -44,6 +45,24 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """``TypeError`` unless ``optimizer`` is an optax ``GradientTransformation`` (a common slip:
+    ``optax.adam`` instead of ``optax.adam(1e-3)``)."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        hint = " (call it: e.g. optax.adam(1e-3), not optax.adam)" if callable(optimizer) else ""
+        raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}{hint}")
+
+
+def check_finite_params(params: PyTree) -> None:
+    """``ValueError`` naming the leaves of concrete ``params`` that hold NaN or infinity (traced
+    values are left to the step's guard, which skips and counts such steps)."""
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+           if not isinstance(leaf, jax.core.Tracer) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+           and not bool(np.all(np.isfinite(np.asarray(leaf))))]
+    if bad:
+        raise ValueError(f"initial parameters must be finite; non-finite values in {', '.join(bad)}")
 
 
 def check_mesh_axes(batch_axis: Any, param_axis: Any) -> None:
@@ -85,14 +104,28 @@ def resolve_stage_methods(method: Any, stages: Sequence[Stage], n: int | None, w
         if isinstance(m, str):
             check_options(m, n, window, strict=False)
     if window is not None and not any(isinstance(m, str) and uses_window(m) for m in methods):
-        raise ValueError("tbptt_window is only used with method='tbptt' (in at least one stage)")
+        raise ValueError("tbptt_window is only used with a method that takes a window, such as 'tbptt' or "
+                         "'sliding_tbptt' (in at least one stage)")
     return tuple(methods)
+
+
+def resolve_learner(learner: Any) -> tuple[OnlineModel, list[Stage], tuple]:
+    """Every check of an :class:`snapjax.OnlineLearner`'s arguments, then ``(model, stages,
+    one method per recurrent stage)``."""
+    check_mesh_axes(learner.batch_axis, learner.param_axis)
+    check_optimizer(learner.optimizer)
+    model, stages = resolve_model(learner.model, learner.readout_size, learner.stack, learner.encoder)
+    check_mask_layers(learner.masks, model)
+    check_positive_int("chunk", learner.chunk, allow_none=True)
+    check_positive_int("update_every", learner.update_every, allow_none=True)
+    check_method_options(learner.method_options)
+    return model, stages, resolve_stage_methods(learner.method, stages, learner.n, learner.tbptt_window)
 
 
 def build_stage_methods(
     stages: Sequence[Stage], methods: Sequence[Any], params: PyTree, input_size: int | None, *, n: int | None,
     masks: Any, precision: Any, window: int | None, batch_axis: str | None, chunk: int | None, chunked: bool,
-    update_every: int | None,
+    update_every: int | None, options: Mapping[str, Any] | None = None,
 ) -> tuple[OnlineMethod, ...]:
     """The online method of each recurrent stage for parameters shaped like ``params`` (names
     built with :func:`snapjax.online_method`; chunked forms where the period allows)."""
@@ -104,7 +137,7 @@ def build_stage_methods(
             out.append(spec)
             continue
         kw = dict(n=n, masks=stage_masks(stages, masks, stage), precision=precision, input_size=sizes[stage.index],
-                  window=window, batch_axis=batch_axis, strict_options=False)
+                  window=window, batch_axis=batch_axis, strict_options=False, **(options or {}))
         if chunk is not None:
             kw.update(chunk=chunk, chunk_policy="require")
         elif chunked and (update_every or 1) > 1:
@@ -115,6 +148,51 @@ def build_stage_methods(
         if K % m.period:
             raise ValueError(f"update_every={K} is not a multiple of {m.name}'s period {m.period}")
     return tuple(out)
+
+
+#: Options set by the learner's own arguments (not through ``method_options``).
+_LEARNER_SET = {"n": "n", "masks": "masks", "precision": "precision", "window": "tbptt_window", "chunk": "chunk",
+                "input_size": "(the stage's input size)", "batch_axis": "batch_axis"}
+
+
+def check_method_options(options: Any) -> None:
+    """``ValueError`` unless ``options`` is ``None`` or a dict of :func:`snapjax.online_method`
+    options not set by the learner's own arguments."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise ValueError(f"method_options must be a dict of online_method options, got {type(options).__name__}")
+    for k in options:
+        if k in _LEARNER_SET:
+            raise ValueError(f"method_options[{k!r}]: set it with the learner's {_LEARNER_SET[k]} instead")
+        if k not in OPTIONS:
+            raise ValueError(f"method_options has an unknown option {k!r}; options are "
+                             f"{sorted(set(OPTIONS) - set(_LEARNER_SET))}")
+
+
+def check_mask_layers(masks: Any, model: OnlineModel) -> None:
+    """``ValueError`` unless ``masks`` is ``None``, ``{projection: mask}`` (one recurrent layer) or
+    ``{"layers_i": {projection: mask}}`` naming recurrent layers only (a mask never goes unused)."""
+    if masks is None:
+        return
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"masks must be a dict {{projection: (n_in, units) 0/1 array}} or "
+                         f"{{'layers_i': {{projection: mask}}}}, got {type(masks).__name__}")
+    layer_keys = [k for k in masks if isinstance(k, str) and k.startswith("layers_")]
+    if not layer_keys:
+        return  # one recurrent layer's projections (checked against its parameters when built)
+    if len(layer_keys) != len(masks):
+        raise ValueError(f"masks mix layer names and other keys: {sorted(map(str, masks))}; "
+                         "use {'layers_i': {projection: mask}} throughout")
+    recurrent = [n for n, r in zip(model.names, model.recurrent_flags) if r]
+    for k in layer_keys:
+        if k not in model.names:
+            raise ValueError(f"masks for unknown layer {k!r}; the model's layers are {list(model.names)}")
+        if k not in recurrent:
+            raise ValueError(f"masks for {k!r}, a feed-forward layer: masks apply to recurrent layers' kernels "
+                             f"({recurrent}); mask a feed-forward layer's updates with snapjax.masked_updates")
+        if masks[k] is not None and not isinstance(masks[k], Mapping):
+            raise ValueError(f"masks[{k!r}] must be a dict {{projection: mask}}, got {type(masks[k]).__name__}")
 
 
 def check_step_inputs(state: OnlineState, x: Array, mask: Array | None) -> int:
@@ -132,7 +210,23 @@ def check_step_inputs(state: OnlineState, x: Array, mask: Array | None) -> int:
             f"the loss mask must have shape ({batch},) per step, i.e. (T, {batch}) for a chunk "
             f"(time-major), got {jnp.shape(mask)}"
         )
+    check_loss_weights(mask)
     return batch
+
+
+def check_loss_weights(mask: Any) -> None:
+    """``ValueError`` unless a concrete loss mask holds finite weights ``>= 0`` (a traced one is
+    checked in the step: a bad weight is excluded and counted in ``metrics['excluded']``)."""
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    m = np.asarray(mask)
+    if m.dtype == bool:
+        return
+    if not np.issubdtype(m.dtype, np.number):
+        raise ValueError(f"the loss mask must hold numbers (weights >= 0) or bools, got dtype {m.dtype}")
+    if not (np.all(np.isfinite(m)) and np.all(m >= 0)):
+        bad = m[~(np.isfinite(m) & (m >= 0))]
+        raise ValueError(f"loss masks are weights >= 0 (0: no target); got {bad.size} other value(s), e.g. {bad[0]}")
 
 
 def check_chunk(state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> Array:
@@ -151,4 +245,5 @@ def check_chunk(state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> 
             raise ValueError(f"targets must be time-major with leading axis T={T}, got shape {jnp.shape(leaf)}")
     if masks is not None and jnp.shape(masks) != (T, batch):
         raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
+    check_loss_weights(masks)
     return xs

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from snapjax.training.config import check_loss_weights
 from snapjax.training.online_state import OnlineState
 from snapjax.training.stage_passes import forward_only
 
@@ -58,10 +59,14 @@ def evaluate(learner: Any, state_or_params: Any, xs: Array, ys: Any, masks: Arra
     outs, carry = predict(learner, state_or_params, xs, carry)
     T, B = outs.shape[:2]
     loss = learner.loss_fn
+    if masks is not None and jnp.shape(masks) != (T, B):
+        raise ValueError(f"masks must have shape (T, B) = ({T}, {B}), got {jnp.shape(masks)}")
+    check_loss_weights(masks)
     masks = jnp.ones((T, B), outs.dtype) if masks is None else jnp.asarray(masks, outs.dtype)
     per = jax.vmap(loss.fn)(outs, ys)
     valid = jax.vmap(loss.valid)(outs, ys) if loss.valid else jnp.isfinite(per)
+    valid = valid & (masks >= 0) & jnp.isfinite(masks)
     w = jnp.where(valid, masks, 0)
     per = jnp.where(w > 0, per, 0) * w
     return {"loss": per.sum() / jnp.maximum(w.sum(), 1), "per_step": per.sum(1) / jnp.maximum(w.sum(1), 1),
-            "excluded": jnp.sum((masks > 0) & ~valid), "carry": carry}
+            "excluded": jnp.sum((masks != 0) & ~valid), "carry": carry}

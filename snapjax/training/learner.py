@@ -51,11 +51,10 @@ from snapjax.parallel.sharding import run_sharded
 from snapjax.training.config import (
     build_stage_methods,
     check_chunk,
-    check_mesh_axes,
+    check_finite_params,
     check_positive_int,
     check_step_inputs,
-    resolve_model,
-    resolve_stage_methods,
+    resolve_learner,
 )
 from snapjax.training.forward_only import evaluate, predict
 from snapjax.training.guard import contain_faults
@@ -91,6 +90,9 @@ class OnlineLearner:
       precision: matmul precision, passed to :func:`snapjax.online_method`.
       tbptt_window: the truncated BPTT window, passed to :func:`snapjax.online_method` as its
         ``window``.
+      method_options: further options of :func:`snapjax.online_method` for the stages' methods
+        (e.g. ``{"decay": 0.5}`` for ``"esdrtrl"``, ``{"eps": 1e-6}`` for ``"uoro"``); each
+        reaches the methods that declare it.
       chunked: when ``update_every = K > 1``, run the methods that have a chunked form (exact
         RTRL, SnAp-1) chunk-wise over each K-step period: the same gradients, much cheaper
         (:mod:`snapjax.methods.chunked`).  ``chunk``: force a chunk length.
@@ -129,6 +131,7 @@ class OnlineLearner:
     n: int | None = None
     precision: Any = None
     tbptt_window: int | None = None
+    method_options: Any = None
     chunk: int | None = None
     chunked: bool = True
     stack: Literal["layerwise", "combined"] = "layerwise"
@@ -146,10 +149,7 @@ class OnlineLearner:
         _cache: dict = dataclasses.field(init=False)
 
     def __post_init__(self):
-        check_mesh_axes(self.batch_axis, self.param_axis)
-        model, stages = resolve_model(self.model, self.readout_size, self.stack, self.encoder)
-        methods = resolve_stage_methods(self.method, stages, self.n, self.tbptt_window)
-        check_positive_int("update_every", self.update_every, allow_none=True)
+        model, stages, methods = resolve_learner(self)
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_method_specs", methods)
@@ -174,7 +174,7 @@ class OnlineLearner:
                 self._cache[key] = build_stage_methods(
                     self._stages, self._method_specs, params, input_size, n=self.n, masks=self.masks,
                     precision=self.precision, window=self.tbptt_window, batch_axis=self.batch_axis, chunk=self.chunk,
-                    chunked=self.chunked, update_every=self.update_every)
+                    chunked=self.chunked, update_every=self.update_every, options=self.method_options)
         return self._cache[key]
 
     def period(self, params: PyTree) -> int:
@@ -211,6 +211,7 @@ class OnlineLearner:
         key = typed_key(key)
         k_init, k_state = jax.random.split(key)
         params = initial_params(self._model, params, k_init, input_size)
+        check_finite_params(params)
         masks = param_masks(self._stages, self.masks, params)
         params = jax.tree.map(lambda p, m: p if m is None else p * jnp.asarray(m, p.dtype), params, masks,
                               is_leaf=lambda x: x is None)
@@ -283,7 +284,10 @@ class OnlineLearner:
         valid = jnp.isfinite(self._loss(outputs, y_t))  # a non-finite loss (e.g. overflow) is never trained on
         if self._loss.valid is not None:
             valid = valid & self._loss.valid(outputs, y_t)
-        scored = mask > 0
+        # loss masks are weights >= 0 (concrete ones are checked on entry); a negative or
+        # non-finite weight seen under jit counts as an excluded example, never as a weight
+        scored = mask != 0
+        valid = valid & (mask >= 0) & jnp.isfinite(mask)
         weight = jnp.where(valid, mask, 0)
 
         def loss_and_grads(weight, recs, outputs):

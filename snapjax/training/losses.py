@@ -167,5 +167,7 @@ def get_loss(loss: str | Callable | Loss) -> Loss:
             raise ValueError(
                 f"the loss must return one value per example, shape ({jnp.shape(outputs)[0]},), got {jnp.shape(out)}"
             )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(f"the loss must return floating-point values (it is differentiated), got {out.dtype}")
 
     return Loss(loss, check, None, getattr(loss, "__name__", "loss"))

@@ -95,8 +95,9 @@ def online_gradient(
         :func:`snapjax.method_specs`).
       param_axis: mesh axis over which the method state's parameter axis is split.  With either
         axis the state is kept in that layout after every step; Explicit axes are run as Auto.
-    Windowed methods (truncated BPTT, chunked RTRL) contribute at the end of each window; a
-    trailing partial window is closed with the method's ``flush`` when it has one.
+    Windowed methods (truncated BPTT, chunked RTRL) contribute at the end of each window; when
+    ``T`` is not a multiple of the period, the trailing partial window is closed with
+    :meth:`snapjax.OnlineMethod.flush` (so every step's loss reaches the gradient).
 
     Example (a stream in two chunks, carry and method state passed on, gives the gradient of
     one call over the whole stream)::
@@ -138,9 +139,8 @@ def online_gradient(
 
         g0 = jax.tree.map(jnp.zeros_like, params)
         (carry, state, grads, loss), outs = lax.scan(body, (*hold(carry, state), g0, jnp.zeros((), dtype)), (xs, ys))
-        flush = getattr(method, "flush", None)
-        if flush is not None and np.shape(xs)[0] % method.period:
-            gf, state = flush(params, state)
+        if np.shape(xs)[0] % method.period:  # a trailing partial window: its gradient too
+            gf, state = method.flush(params, state)
             grads = jax.tree.map(jnp.add, grads, gf)
         return SequenceGradient(loss, grads, outs, *hold(carry, state))
 
