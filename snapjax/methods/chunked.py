@@ -37,7 +37,11 @@ Streams: a ragged last chunk is closed with :meth:`ChunkedInfluence.flush` (grad
 steps seen so far, ``J`` advanced to the current step; call it after a step's ``gradient``).
 Per-example resets are exact: :meth:`ChunkedInfluence.reset` marks that the chain is cut before
 the example's next step (the buffered factors are those of the steps actually taken, so no
-forward replay is needed); steps before the reset keep their gradient through ``J_{t0}``.
+forward replay is needed); steps before the reset keep their gradient through ``J_{t0}``.  A
+reset between a step and its ``gradient`` (the learner's guard, after a fault) also zeroes that
+step's buffered factors of the example, so a non-finite value never reaches the close's sums
+over the batch: faults stay per example, exactly as per step; a step with a non-finite factor
+returns a NaN gradient at once (as the per-step ``J`` would), so the guard sees it at that step.
 
 Example (float32 GRU, exact RTRL in chunks of 4)::
 
@@ -56,6 +60,8 @@ Example (float32 GRU, exact RTRL in chunks of 4)::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -214,8 +220,18 @@ class ChunkedInfluence(OnlineMethod):
         state = state._replace(cot=lax.dynamic_update_index_in_dim(state.cot, c, pos, 1), stepped=jnp.zeros((), bool))
         end = pos == self.chunk - 1
         grads, J = _run_if(end, lambda st: self._close(params, st, None), state, (self._zeros(params), state.influence))
+        # a non-finite factor of this step (e.g. an infinite input under a finite carry) makes
+        # the per-step methods' J, and so their gradient, non-finite now; the chunk's gradient
+        # is NaN at the same step, so a guard sees the fault (and resets the example) when they do
+        grads = jax.tree.map(lambda g: jnp.where(self._slot_finite(state, pos), g, jnp.nan), grads)
         new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
         return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos)
+
+    def _slot_finite(self, state: ChunkedState, pos: Array) -> Array:
+        """Bool scalar: every example's buffered factors of slot ``pos`` are finite."""
+        bufs = (state.xs, state.hs, state.dpre, state.dunit, state.dstate, state.cot)
+        return functools.reduce(operator.and_, [jnp.all(jnp.isfinite(lax.dynamic_index_in_dim(b, pos, 1, False)))
+                                                for b in bufs])
 
     def flush(self, params: PyTree, state: ChunkedState) -> tuple[PyTree, ChunkedState]:
         """Close a partial chunk: the gradient of the ``pos`` steps buffered since the last
@@ -236,7 +252,15 @@ class ChunkedInfluence(OnlineMethod):
         where = jnp.asarray(where, bool)
         if jnp.shape(where) != jnp.shape(state.pending):
             raise ValueError(f"where must have shape {jnp.shape(state.pending)}, got {jnp.shape(where)}")
+        # a reset between a step and its gradient (the guard's, after a fault): that step's
+        # buffered factors of the example are zeroed (they may be NaN, and the close contracts
+        # over the batch, where 0 · NaN would reach every example): a zero step, D = 0, I = 0,
+        # i.e. J = 0 after it, as the per-step methods' reset
+        slot = (jnp.arange(self.chunk) == state.pos)[None, :] & (where & state.stepped)[:, None]  # (B, K)
+        clear = lambda a: jnp.where(slot.reshape(slot.shape + (1,) * (a.ndim - 2)), jnp.zeros((), a.dtype), a)  # noqa: E731
         return state._replace(influence=_zero_examples(state.influence, where & (state.pos == 0)),
+                              xs=clear(state.xs), hs=clear(state.hs), dpre=clear(state.dpre), dunit=clear(state.dunit),
+                              dstate=clear(state.dstate), cot=clear(state.cot),
                               pending=state.pending | where, drop=state.drop | (where & state.stepped))
 
     # -------------------------------------------------------------- the close

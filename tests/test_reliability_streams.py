@@ -1,0 +1,42 @@
+"""No silent wrong results, round two (issue #22), streams: a fault in a chunked period stays
+in its example, checkpoints restore only into a template with the same leaves, chunked methods
+notice parameters changed mid-chunk, and shape slips and long-run counters give clear
+snapjax errors or documented behaviour. Each test names the class it covers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import snapjax as sj
+
+
+# -- item 5: a fault in a chunked period is contained per example, as per step ---------------
+def _fault_run(method, chunked, faults, cell=None):
+    B, T, n_in = 3, 12, 2
+    cell = nn.GRUCell(4, param_dtype=jnp.float64) if cell is None else cell
+    learner = sj.OnlineLearner(cell, readout_size=2, method=method, optimizer=optax.sgd(0.1), update_every=4,
+                               chunked=chunked)
+    state = learner.init(jax.random.key(0), batch_size=B, input_size=n_in)
+    assert ("chunk4" in learner.methods(state.params)[0].name) == chunked
+    xs = jax.random.normal(jax.random.key(1), (T, B, n_in), jnp.float64)
+    ys = jax.random.randint(jax.random.key(2), (T, B), 0, 2)
+    run = jax.jit(learner.run)
+    return [run(state, xs.at[t, b, 0].set(v), ys)[::2] for t, b, v in faults]
+
+
+@pytest.mark.parametrize("method", ["rtrl", "snap1"])
+def test_a_fault_in_a_chunked_period_is_contained_per_example(method, x64):
+    """float64, GRU, B = 3, update_every = 4: a NaN in one example's input mid-chunk (and an
+    infinite input, whose carry stays finite, at a chunk's first and last step) gives the
+    per-step learner's parameters, resets and skipped counts."""
+    faults = [(5, 1, jnp.nan), (4, 0, jnp.inf), (7, 2, jnp.inf)]
+    chunked, per_step = _fault_run(method, True, faults), _fault_run(method, False, faults)
+    for (a, ma), (b, mb) in zip(chunked, per_step):
+        for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+            np.testing.assert_allclose(p, q, rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(ma["resets"], mb["resets"])
+        np.testing.assert_array_equal(ma["skipped"], mb["skipped"])
+        assert int(ma["resets"][-1]) == 1 and int(ma["skipped"][-1]) == 0
