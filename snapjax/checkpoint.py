@@ -6,7 +6,10 @@ verbatim (``flax.serialization`` msgpack), so a run stopped, saved, restored and
 bit-identical to an uninterrupted run.  ``restore_state(path, like_state)`` needs a template
 with the same structure: a real state (e.g. ``learner.init(...)`` with the same configuration)
 or an abstract one from ``jax.eval_shape`` (leaves :class:`jax.ShapeDtypeStruct`, nothing is
-computed); shapes and dtypes are checked.
+computed).  The template must have exactly the checkpoint's leaves (a template lacking one, or
+with one more, e.g. an nnx GRU without the linen GRU's ``hn`` bias, is refused with a
+``ValueError`` naming the ``jax.tree_util.keystr`` paths on both sides), and each leaf's shape
+and dtype (a mismatch names the leaf's path).
 
 File format (version 1): a 52-byte header followed by the msgpack payload::
 
@@ -183,7 +186,8 @@ def state_from_bytes(data: bytes, like_state: PyTree, *, source: str = "<bytes>"
 
     Raises:
       ValueError: truncated or corrupted data, or a checkpoint that does not match the
-        template's structure, shapes or dtypes.
+        template's structure (leaves on either side only: their paths are named), shapes or
+        dtypes (the leaf's path is named).
 
     Example (the template may be abstract; damaged data is refused)::
 
@@ -203,11 +207,17 @@ def state_from_bytes(data: bytes, like_state: PyTree, *, source: str = "<bytes>"
         ValueError: checkpoint <bytes>: leaf ... the template expects (4,)/float32
     """
     payload = _unframe(data, source)
-    like_leaves, treedef = jax.tree.flatten(like_state)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(like_state)
+    like_leaves = [x for _, x in with_paths]
+    names = [jax.tree_util.keystr(p) or "<root>" for p, _ in with_paths]
     raw_specs = [_raw_spec(x) for x in like_leaves]
     template = jax.tree.unflatten(treedef, raw_specs)
     try:
         raw = serialization.msgpack_restore(payload)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"checkpoint {source} cannot be decoded: {e}") from e
+    _check_leaf_paths(raw, with_paths, treedef, source)
+    try:
         restored = serialization.from_state_dict(template, raw)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise ValueError(f"checkpoint {source} does not match the template's structure: {e}") from e
@@ -218,11 +228,11 @@ def state_from_bytes(data: bytes, like_state: PyTree, *, source: str = "<bytes>"
             f"{len(r_leaves)} leaves stored, template has {len(raw_specs)}"
         )
     out = []
-    for i, (r, spec, like) in enumerate(zip(r_leaves, raw_specs, like_leaves)):
+    for name, r, spec, like in zip(names, r_leaves, raw_specs, like_leaves):
         r = np.asarray(r)
         if r.shape != spec.shape or r.dtype != spec.dtype:
             raise ValueError(
-                f"checkpoint {source}: leaf {i} is {r.shape}/{r.dtype}, the template expects {spec.shape}/{spec.dtype}"
+                f"checkpoint {source}: leaf {name} is {r.shape}/{r.dtype}, the template expects {spec.shape}/{spec.dtype}"
             )
         sharding = getattr(like, "sharding", None)
         if _is_key(like):
@@ -233,6 +243,57 @@ def state_from_bytes(data: bytes, like_state: PyTree, *, source: str = "<bytes>"
             arr = jax.device_put(arr, sharding)
         out.append(arr)
     return jax.tree.unflatten(treedef, out)
+
+
+class _Index:
+    """A template leaf's position, carried through ``to_state_dict`` to find its stored path."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _key_name(k: Any) -> str:
+    """A state-dict key (a str) from a pytree path entry."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _stored_paths(tree: PyTree) -> dict[tuple, Any]:
+    """``{state-dict path (tuple of str): leaf}`` of a nested state dict."""
+    return {tuple(_key_name(k) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_leaf_paths(raw: PyTree, with_paths: list, treedef: Any, source: str) -> None:
+    """``ValueError`` naming the leaves (``jax.tree_util.keystr`` paths in the template's terms)
+    that the checkpoint has and the template lacks, and the other way round: a state is never
+    restored into a template with other leaves (e.g. a linen GRU's ``b_hn`` dropped)."""
+    stored = set(_stored_paths(raw))
+    marked = serialization.to_state_dict(jax.tree.unflatten(treedef, [_Index(i) for i in range(len(with_paths))]))
+    expected = {p: with_paths[m.i][0] for p, m in _stored_paths(marked).items()}
+    if stored == set(expected):
+        return
+    prefix: dict[tuple, str] = {}  # state-dict path prefix -> the template's keystr of it
+    for sd, kp in expected.items():
+        if len(sd) == len(kp):
+            prefix.update({sd[:i]: jax.tree_util.keystr(tuple(kp[:i])) for i in range(len(sd) + 1)})
+
+    def name(sd: tuple) -> str:
+        if sd in expected:
+            return jax.tree_util.keystr(tuple(expected[sd])) or "<root>"
+        i = max(i for i in range(len(sd) + 1) if sd[:i] in prefix or i == 0)
+        return prefix.get(sd[:i], "") + "".join(f"[{k!r}]" for k in sd[i:])
+
+    def listing(paths: set) -> str:
+        shown = sorted(name(p) for p in paths)
+        return ", ".join(shown[:10]) + (f" and {len(shown) - 10} more" if len(shown) > 10 else "") if shown else "none"
+
+    raise ValueError(
+        f"checkpoint {source} does not match the template's structure: leaves in the checkpoint but not in the "
+        f"template: {listing(stored - set(expected))}; leaves in the template but not in the checkpoint: "
+        f"{listing(set(expected) - stored)} (restore into a state built with the saved run's model and options)"
+    )
 
 
 def _umask() -> int:

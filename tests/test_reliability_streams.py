@@ -3,12 +3,14 @@ in its example, checkpoints restore only into a template with the same leaves, c
 notice parameters changed mid-chunk, and shape slips and long-run counters give clear
 snapjax errors or documented behaviour. Each test names the class it covers."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import snapjax as sj
 
@@ -40,3 +42,29 @@ def test_a_fault_in_a_chunked_period_is_contained_per_example(method, x64):
         np.testing.assert_array_equal(ma["resets"], mb["resets"])
         np.testing.assert_array_equal(ma["skipped"], mb["skipped"])
         assert int(ma["resets"][-1]) == 1 and int(ma["skipped"][-1]) == 0
+
+
+# -- item 9: a checkpoint restores only into a template with the same leaves ------------------
+def test_restore_into_a_template_with_other_leaves_names_them(tmp_path):
+    """A linen GRU learner's checkpoint (with the ``hn`` bias) into an nnx GRU learner (without
+    it), and back: refused, naming the leaf paths on both sides; a wrong shape names the path."""
+    linen = sj.OnlineLearner(nn.GRUCell(4), readout_size=2)
+    nnx_learner = sj.OnlineLearner(nnx.GRUCell(3, 4, rngs=nnx.Rngs(0)), readout_size=2)
+    a = linen.init(jax.random.key(0), batch_size=2, input_size=3)
+    b = nnx_learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    sj.save_state(tmp_path / "linen.ckpt", a)
+    sj.save_state(tmp_path / "nnx.ckpt", b)
+    bias = r"\.params\['layers_0'\]\['hn'\]\['bias'\]"
+    with pytest.raises(ValueError, match=r"linen\.ckpt does not match the template's structure: leaves in the "
+                                         r"checkpoint but not in the template: .*" + bias + r".*; leaves in the "
+                                         r"template but not in the checkpoint: none"):
+        sj.restore_state(tmp_path / "linen.ckpt", b)
+    with pytest.raises(ValueError, match=r"in the checkpoint but not in the template: none; leaves in the template "
+                                         r"but not in the checkpoint: .*\.opt_state\[0\]\.mu\['layers_0'\]\['hn'\]"
+                                         r"\['bias'\].*" + bias):
+        sj.restore_state(tmp_path / "nnx.ckpt", jax.eval_shape(lambda: a))
+    wide = sj.OnlineLearner(nn.GRUCell(5), readout_size=2).init(jax.random.key(0), batch_size=2, input_size=3)
+    with pytest.raises(ValueError, match=r"leaf " + bias + r" is \(4,\)/float32, the template expects \(5,\)/float32"):
+        sj.restore_state(tmp_path / "linen.ckpt", wide)
+    back = sj.restore_state(tmp_path / "linen.ckpt", jax.eval_shape(lambda: a))  # the right template still works
+    chex.assert_trees_all_equal(back, a)
