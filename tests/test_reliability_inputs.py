@@ -214,3 +214,15 @@ def test_uoro_without_a_key_says_so():
         state = method.init(2, key=jax.random.key(3))
         again = method.reset(state, jnp.array([True, False]))
     assert jnp.array_equal(jax.random.key_data(again.key), jax.random.key_data(state.key))
+
+
+def test_a_cellspec_layer_initialises_and_a_layer_key_typo_is_named():
+    spec = sj.gru_spec(4)
+    learner = sj.OnlineLearner([nn.Dense(3), spec], readout_size=2)
+    state = learner.init(jax.random.key(0), batch_size=2, input_size=3)  # was: "cannot initialise ... CellSpec"
+    assert jax.tree.map(jnp.shape, state.params["layers_1"]) == jax.tree.map(jnp.shape, spec.init(jax.random.key(1), 3))
+    sj.verify_spec(spec, state.params["layers_1"])
+    with pytest.raises(ValueError, match=r"params keys \['layer_1'\]: a model's parameters are \{'layers_i'"):
+        learner.init(jax.random.key(0), {"layer_1": state.params["layers_1"]}, batch_size=2, input_size=3)
+    with pytest.raises(ValueError, match=r"unit_init for unknown unit parameter\(s\) \['tau'\]"):
+        spec.init(jax.random.key(0), 3, unit_init={"tau": jnp.ones})

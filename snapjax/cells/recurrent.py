@@ -75,9 +75,13 @@ class Recurrent:
     module: Any = None
 
     def init_params(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> PyTree:
-        """``module.init(...)['params']`` for a flax module (``ValueError`` for a bare spec)."""
+        """``module.init(...)['params']`` for a flax module; :meth:`snapjax.CellSpec.init` for a
+        bare spec (default initialisers)."""
+        if isinstance(self.module, CellSpec):
+            return self.module.init(key, input_size, dtype)
         if not isinstance(self.module, nn.Module):
-            raise ValueError(f"{self.name}: cannot initialise parameters of a {type(self.module).__name__}; pass them")
+            raise ValueError(f"{self.name}: cannot initialise parameters of a {type(self.module).__name__}; pass them "
+                             "(the model's parameters are {'layers_i': params of layer i})")
         x0 = jnp.zeros((1, input_size), dtype)
         return self.module.init(key, self.init_carry(1, dtype), x0)["params"]
 

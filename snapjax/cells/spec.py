@@ -61,6 +61,7 @@ import dataclasses
 import numbers
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -207,6 +208,46 @@ class CellSpec:
 
     def zero_state(self, batch_size: int, dtype: Any = jnp.float32) -> Array:
         return jnp.zeros((batch_size, self.units, self.state_dim), dtype)
+
+    def init(self, key: Array, input_size: int, dtype: Any = jnp.float32,
+             unit_init: Mapping[str, Callable] | None = None) -> dict:
+        """Parameters in this spec's layout, with flax.linen's default initialisers.
+
+        The layout: ``params[p]['kernel']`` of shape ``(n_in_p, units)`` per projection ``p``
+        (``n_in_p`` = ``input_size`` for ``"input"`` projections, ``units`` for ``"state"``
+        ones), ``params[p]['bias']`` ``(units,)`` where the projection has one, and
+        ``params[q]`` ``(units,)`` per unit parameter.  Input kernels: LeCun normal; recurrent
+        kernels: orthogonal; biases: zeros; unit parameters: zeros unless ``unit_init[q](key,
+        shape, dtype)`` is given (a cell module such as :class:`snapjax.EGRUCell` knows its
+        own).
+
+        Example::
+
+            >>> import jax
+            >>> from snapjax import gru_spec
+            >>> params = gru_spec(4).init(jax.random.key(0), input_size=3)
+            >>> params["ir"]["kernel"].shape, params["hn"]["bias"].shape, sorted(params)
+            ((3, 4), (4,), ['hn', 'hr', 'hz', 'in', 'ir', 'iz'])
+        """
+        if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral) or input_size < 1:
+            raise ValueError(f"{self.name}: input_size must be a positive int, got {input_size!r}")
+        unknown = sorted(set(unit_init or {}) - set(self.unit_params))
+        if unknown:
+            raise ValueError(f"{self.name}: unit_init for unknown unit parameter(s) {unknown}; "
+                             f"the unit parameters are {list(self.unit_params)}")
+        keys = iter(jax.random.split(key, len(self.projections) + len(self.unit_params)))
+        params: dict = {}
+        for p in self.projections:
+            rows = int(input_size) if p.source == "input" else self.units
+            init = nn.initializers.lecun_normal() if p.source == "input" else nn.initializers.orthogonal()
+            leaf = {"kernel": init(next(keys), (rows, self.units), dtype)}
+            if p.use_bias:
+                leaf["bias"] = jnp.zeros((self.units,), dtype)
+            params[p.name] = leaf
+        for q in self.unit_params:
+            k = next(keys)
+            params[q] = (unit_init or {}).get(q, nn.initializers.zeros)(k, (self.units,), dtype)
+        return params
 
     # --------------------------------------------------------------- validation
     def input_size(self, params: PyTree) -> int:

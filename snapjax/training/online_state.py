@@ -99,13 +99,16 @@ def initial_params(model: OnlineModel, params: PyTree | None, key: Array, input_
         params = dict(params)
         if all(k.startswith("layers_") for k in params):
             given = params
+        elif any(str(k).startswith("layer") for k in params):  # e.g. a typo "layer_0"
+            raise ValueError(f"params keys {sorted(map(str, params))}: a model's parameters are "
+                             f"{{'layers_i': params of layer i}} for layers {list(model.names)}")
         else:
             first = model.recurrent_flags.index(True)
             given = {f"layers_{first}": params}
-    fresh = model.init(key, input_size, given=jax.tree.map(jnp.asarray, given))
     unknown = set(given) - set(model.names)
     if unknown:
         raise ValueError(f"params for unknown layers {sorted(unknown)}; the model has {list(model.names)}")
+    fresh = model.init(key, input_size, given=jax.tree.map(jnp.asarray, given))
     params = {**fresh, **jax.tree.map(jnp.asarray, given)}
     for name in given:
         if jax.tree.structure(given[name]) != jax.tree.structure(fresh.get(name)):  # type: ignore[operator]
