@@ -56,7 +56,7 @@ from snapjax.methods.registry import (
 
 # The built-in methods register themselves when imported; this order is the listing order.
 # isort: off
-from snapjax.methods import rtrl, uoro, tbptt, activity, immediate, sliding_tbptt, esdrtrl  # noqa: E402, F401
+from snapjax.methods import rtrl, uoro, tbptt, activity, immediate, sliding_tbptt, esdrtrl, kfrtrl, ok  # noqa: E402, F401
 # isort: on
 
 __all__ = ["OnlineMethod", "StepResult", "online_method", "register_method", "unregister_method",

@@ -56,7 +56,8 @@ OPTIONS: Mapping[str, str] = {
     "layout": "SnAp-n storage override ('table' or 'dense')",
     "block": "units per block (activity-sparse RTRL)",
     "eps": "stabiliser of a norm ratio (UORO)",
-    "decay": "trace decay factor in [0, 1) (ES-D-RTRL)",
+    "decay": "trace decay factor in [0, 1) (ES-D-RTRL; e-prop's filter κ)",
+    "rank": "number of Kronecker terms kept (OK)",
     "input_size": "the cell's input size where params do not tell it (generic cells)",
     "verify": "check a user CellSpec against autodiff before use",
     "batch_axis": "mesh axis the batch is split over inside jax.shard_map (per-device random streams)",
@@ -291,6 +292,7 @@ def online_method(
     block: int | float | None = None,
     eps: float | None = None,
     decay: float | None = None,
+    rank: int | None = None,
     input_size: int | None = None,
     verify: bool = True,
     strict_options: bool = True,
@@ -312,6 +314,7 @@ def online_method(
       block: units per block (activity-sparse RTRL).
       eps: UORO's stabiliser (default ``1e-7``).
       decay: a trace's decay factor in ``[0, 1)`` (ES-D-RTRL).
+      rank: Kronecker terms kept per factor pair (OK).
       input_size: the cell's input size where ``params`` do not tell it (generic cells).
       verify: check a user :class:`snapjax.CellSpec` against ``jax.jvp`` before use.
       batch_axis: the mesh axis the batch is split over inside ``jax.shard_map`` (the learner's
@@ -363,7 +366,7 @@ def online_method(
             raise ValueError(f"chunk= is only for methods with a chunked form ('rtrl', 'snap1'), not {name!r}")
         chunk = None  # "prefer": this method has no chunked form; run it per step
     given = dict(n=n, masks=masks, precision=precision, window=window, chunk=chunk, layout=layout, block=block,
-                 eps=eps, decay=decay, input_size=input_size, verify=verify, batch_axis=batch_axis)
+                 eps=eps, decay=decay, rank=rank, input_size=input_size, verify=verify, batch_axis=batch_axis)
     kwargs = {k: v for k, v in given.items() if k in entry.options}
     if "chunk" in entry.options:  # a method with a chunked form for some orders decides with the policy
         kwargs["chunk_policy"] = chunk_policy
