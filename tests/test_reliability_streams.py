@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import snapjax as sj
+from snapjax.methods.chunked_sweeps import params_fingerprint
 
 
 # -- item 5: a fault in a chunked period is contained per example, as per step ---------------
@@ -68,3 +69,67 @@ def test_restore_into_a_template_with_other_leaves_names_them(tmp_path):
         sj.restore_state(tmp_path / "linen.ckpt", wide)
     back = sj.restore_state(tmp_path / "linen.ckpt", jax.eval_shape(lambda: a))  # the right template still works
     chex.assert_trees_all_equal(back, a)
+
+
+# -- item 13: an optimizer stepping inside a chunk is detected -------------------------------
+def _user_loop(method, params, xs, optimizer, every):
+    """A user's own loop: step, gradient, and the optimizer every ``every`` steps."""
+    B = xs.shape[1]
+    carry, state, opt_state = method.init_carry(B, xs.dtype), method.init(B, xs.dtype), optimizer.init(params)
+
+    @jax.jit
+    def one(p, c, s, x):
+        c, s, _ = method.step(p, c, s, x)
+        g, s = method.gradient(p, s, c)  # the loss Σ_t Σ h_t
+        return c, s, g
+
+    acc, grads = jax.tree.map(jnp.zeros_like, params), []
+    for t in range(xs.shape[0]):
+        carry, state, g = one(params, carry, state, xs[t])
+        grads.append(g)
+        acc = jax.tree.map(jnp.add, acc, g)
+        if (t + 1) % every == 0:
+            updates, opt_state = optimizer.update(acc, opt_state, params)
+            params, acc = optax.apply_updates(params, updates), jax.tree.map(jnp.zeros_like, acc)
+    return params, grads
+
+
+@pytest.mark.parametrize("name", ["rtrl", "snap1"])
+def test_an_optimizer_stepping_inside_a_chunk_is_detected(name, x64):
+    cell = nn.GRUCell(3, param_dtype=jnp.float64)
+    params = cell.init(jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros((2, 2)))["params"]
+    xs = jax.random.normal(jax.random.key(1), (8, 2, 2), jnp.float64)
+    chunked, per_step = sj.online_method(name, cell, params, chunk=4), sj.online_method(name, cell, params)
+    # correct use (the optimizer at chunk ends): per-step RTRL/SnAp-1, nothing flagged
+    a, grads = _user_loop(chunked, params, xs, optax.adam(0.1), 4)
+    b, _ = _user_loop(per_step, params, xs, optax.adam(0.1), 4)
+    for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(p, q, rtol=0, atol=1e-12)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    # misuse: Adam every step moves the parameters after the first chunk's close (momentum);
+    # from the next step to the chunk's end the gradient is NaN (optax.apply_if_finite skips it)
+    _, grads = _user_loop(chunked, params, xs, optax.adam(0.1), 1)
+    flagged = [bool(jnp.all(jnp.isnan(jax.tree.leaves(g)[0]))) for g in grads]
+    assert flagged == [False] * 5 + [True] * 3
+    # flush sees it too, and a fresh chunk starts clean
+    carry, state = chunked.init_carry(2, jnp.float64), chunked.init(2, jnp.float64)
+    carry, state, _ = chunked.step(params, carry, state, xs[0])
+    _, state = chunked.gradient(params, state, carry)
+    moved = jax.tree.map(lambda p: p + 1e-3, params)
+    g, state = chunked.flush(moved, state)
+    assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(g))
+    carry, state, _ = chunked.step(moved, carry, state, xs[1])
+    g, state = chunked.gradient(moved, state, carry)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g)) and not bool(state.moved)
+
+
+def test_the_parameter_fingerprint_is_exact_and_order_free(x64):
+    params = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.arange(3.0, dtype=jnp.bfloat16),
+              "c": jnp.ones((2,), jnp.float32)}
+    fp = params_fingerprint(params)
+    assert fp.shape == () and fp.dtype == jnp.uint32
+    np.testing.assert_array_equal(jax.jit(params_fingerprint)(params), fp)
+    one_ulp = {**params, "a": params["a"].at[1, 2].set(jnp.nextafter(params["a"][1, 2], 2.0))}
+    swapped = {**params, "a": params["a"][::-1]}  # the same values elsewhere
+    for other in (one_ulp, swapped, {**params, "b": params["b"] + 1}):
+        assert int(params_fingerprint(other)) != int(fp)

@@ -73,7 +73,18 @@ from snapjax.cells.recurrent import Recurrent, as_recurrent
 from snapjax.engine.influence import InfluenceTracker, influence_tracker
 from snapjax.engine.jacobians import step_jacobians
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
-from snapjax.methods.chunked_sweeps import ChunkedState, _advance, _backward_dense, _backward_diag, _bcast
+from snapjax.methods.chunked_sweeps import (
+    ChunkedState,
+    _advance,
+    _backward_dense,
+    _backward_diag,
+    _bcast,
+    _flat,
+    _run_if,
+    _sum_axis1,
+    _zero_examples,
+    params_fingerprint,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -82,38 +93,21 @@ __all__ = ["ChunkedState", "ChunkedInfluence", "chunked_method"]
 
 
 
-def _zero_examples(tree: PyTree, where: Array) -> PyTree:
-    return jax.tree.map(lambda a: jnp.where(_bcast(where, a.ndim), jnp.zeros((), a.dtype), a), tree)
-
-
-def _flat(J: Array) -> Array:
-    """An influence leaf ``(B, *lead, U, W, m)`` as ``(B, L, U·W·m)`` (a free reshape)."""
-    return J.reshape(J.shape[0], int(np.prod(J.shape[1:-3])), int(np.prod(J.shape[-3:])))
-
-
-def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
-    """``fn(state)`` if ``pred`` else ``default``, as ``(grads, influence)``.  A
-    ``lax.while_loop`` of zero or one trip rather than ``lax.cond``: XLA updates a while loop's
-    carry in place, whereas a ``cond`` whose other branch passes the influence through costs a
-    copy of it at every step (it dominated the step time)."""
-
-    def body(carry):
-        return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=carry[2])))
-
-    return lax.while_loop(lambda c: c[0], body, (pred,) + tuple(default))[1:]
-
-
-def _sum_axis1(x: Array) -> Array:
-    """``x.sum(1)`` as a batched product with ones (XLA:CPU reduces non-minor axes slowly)."""
-    ones = jnp.ones((x.shape[0], 1, x.shape[1]), x.dtype)
-    out = jnp.matmul(ones, x.reshape(x.shape[0], x.shape[1], -1), precision=lax.Precision.HIGHEST)
-    return out.reshape(x.shape[:1] + x.shape[2:])
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChunkedInfluence(OnlineMethod):
     """Exact RTRL or SnAp-1 run chunk-wise (build with ``snapjax.online_method(..., chunk=K)``
     or :func:`chunked_method`); see the module docstring.
+
+    How to drive it (in a loop of your own): per step, :meth:`step` then :meth:`gradient`, with
+    the *same* parameters for all ``K`` steps of a chunk; the gradient is zero until the chunk's
+    last step (``state.pos`` back to 0), which returns the whole chunk's gradient: apply the
+    optimizer then (or after :meth:`flush`), never inside a chunk (the buffered factors belong
+    to the chunk's parameters).  An optimizer that steps inside a chunk (e.g. Adam's momentum
+    moves the parameters under a zero gradient) is detected: the state keeps a fingerprint of
+    the parameters seen at the chunk's first step (:func:`~snapjax.methods.chunked_sweeps.params_fingerprint`),
+    and from the step where others are seen to the chunk's end every gradient is NaN (so
+    ``optax.apply_if_finite`` or the learner's guard skip it).  :class:`snapjax.OnlineLearner`
+    drives it correctly (``update_every`` a multiple of ``K``).
 
     Attributes:
       cell: the cell.  tracker: the per-step engine (layout, masks, patterns, precision).
@@ -147,16 +141,17 @@ class ChunkedInfluence(OnlineMethod):
         flags = jnp.zeros((b,), bool)
         return ChunkedState(J, z(b, K, self.tracker.n_in), z(b, K, U), z(b, K, P, U * m), z(b, K, Q, U * m),
                             z(b, K, U * m * m), z(b, K, U * m), jnp.zeros((b, K), bool), flags, flags,
-                            jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+                            jnp.zeros((), bool), jnp.zeros((), jnp.int32),
+                            jnp.zeros((), jnp.uint32), jnp.zeros((), bool))
 
     def batch_axes(self) -> ChunkedState:
         return ChunkedState(influence=0, xs=0, hs=0, dpre=0, dunit=0, dstate=0, cot=0, cut=0,
-                            pending=0, drop=0, stepped=None, pos=None)
+                            pending=0, drop=0, stepped=None, pos=None, seen=None, moved=None)
 
     def param_axes(self) -> ChunkedState:
         # J leaves (B, L, U·W·m): the merged axis leads with the parameter's unit U
         return ChunkedState(influence=-1, xs=None, hs=None, dpre=None, dunit=None, dstate=None, cot=None,
-                            cut=None, pending=None, drop=None, stepped=None, pos=None)
+                            cut=None, pending=None, drop=None, stepped=None, pos=None, seen=None, moved=None)
 
     def num_stored(self) -> int:
         spec = self.tracker.spec
@@ -196,7 +191,7 @@ class ChunkedInfluence(OnlineMethod):
         if jnp.shape(x) != (batch, tr.n_in) or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"x must be a float array of shape ({batch}, {tr.n_in}), got {x.dtype}{jnp.shape(x)}")
         jac = step_jacobians(spec, params, s, x, tr.masks, tr.precision)
-        pos = state.pos
+        pos, fp = state.pos, params_fingerprint(params)
 
         def put(buf, v):
             return lax.dynamic_update_index_in_dim(buf, v.reshape(buf.shape[:1] + buf.shape[2:]).astype(buf.dtype), pos, 1)
@@ -206,6 +201,7 @@ class ChunkedInfluence(OnlineMethod):
             dpre=put(state.dpre, jnp.moveaxis(jac.dphi_pre, -1, 1)), dunit=put(state.dunit, jnp.moveaxis(jac.dphi_unit, -1, 1)),
             dstate=put(state.dstate, jac.dphi_state), cut=put(state.cut, state.pending),
             pending=jnp.zeros_like(state.pending), stepped=jnp.ones((), bool),
+            seen=jnp.where(pos == 0, fp, state.seen), moved=(pos > 0) & (state.moved | (fp != state.seen)),
         )
         return StepResult(spec.from_internal(jac.new_state), new, {})
 
@@ -223,9 +219,12 @@ class ChunkedInfluence(OnlineMethod):
         # a non-finite factor of this step (e.g. an infinite input under a finite carry) makes
         # the per-step methods' J, and so their gradient, non-finite now; the chunk's gradient
         # is NaN at the same step, so a guard sees the fault (and resets the example) when they do
-        grads = jax.tree.map(lambda g: jnp.where(self._slot_finite(state, pos), g, jnp.nan), grads)
+        # (parameters other than the chunk's: NaN too, see the class docstring)
+        moved = state.moved | (params_fingerprint(params) != state.seen)
+        ok = self._slot_finite(state, pos) & ~moved
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.nan), grads)
         new_pos = jnp.where(end, 0, pos + 1).astype(jnp.int32)
-        return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos)
+        return grads, state._replace(influence=J, drop=jnp.zeros_like(state.drop), pos=new_pos, moved=moved)
 
     def _slot_finite(self, state: ChunkedState, pos: Array) -> Array:
         """Bool scalar: every example's buffered factors of slot ``pos`` are finite."""
@@ -241,7 +240,9 @@ class ChunkedInfluence(OnlineMethod):
         length is not a multiple of ``K``)."""
         n = state.pos
         grads, J = _run_if(n > 0, lambda st: self._close(params, st, n), state, (self._zeros(params), state.influence))
-        return grads, state._replace(influence=J, pos=jnp.zeros((), jnp.int32))
+        moved = (n > 0) & (state.moved | (params_fingerprint(params) != state.seen))
+        grads = jax.tree.map(lambda g: jnp.where(moved, jnp.nan, g), grads)
+        return grads, state._replace(influence=J, pos=jnp.zeros((), jnp.int32), moved=jnp.zeros((), bool))
 
     def reset(self, state: ChunkedState, where: Array, *, key: Array | None = None) -> ChunkedState:
         """Restart the examples in ``where`` (their carry is zeroed by the caller): the chain is

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from snapjax.cells.spec import masked_kernel
@@ -27,7 +28,7 @@ from snapjax.engine.jacobians import StepJacobians, dense_dynamics
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["ChunkedState"]
+__all__ = ["ChunkedState", "params_fingerprint"]
 
 
 class ChunkedState(NamedTuple):
@@ -47,6 +48,9 @@ class ChunkedState(NamedTuple):
         between a step and its ``gradient`` (that step's cotangent is dropped).
       stepped: bool scalar, a step awaits its ``gradient``.  pos: int32 scalar, slot of the
         next step in the chunk.
+      seen: uint32 scalar, :func:`params_fingerprint` of the parameters at the
+        chunk's first step.  moved: bool scalar, parameters other than those were seen in this
+        chunk (its gradient is NaN).  Neither has a batch axis.
     """
 
     influence: PyTree
@@ -61,6 +65,55 @@ class ChunkedState(NamedTuple):
     drop: Array
     stepped: Array
     pos: Array
+    seen: Array
+    moved: Array
+
+
+def params_fingerprint(params: PyTree) -> Array:
+    """uint32 scalar ``Σ_l Σ_i (2l + 1)(4i + 3) w_{l,i}`` (mod 2³²) over the 32-bit words
+    ``w_{l,i}`` of leaf ``l``'s bit pattern.  Integer sums are exact in any order, so the same
+    parameters give the same fingerprint in any program; every weight is odd (invertible mod
+    2³²), so a change of any one value always changes it, and moved values do too (but for a
+    collision).  ``O(p)``, far below a step's cost."""
+    total = jnp.zeros((), jnp.uint32)
+    for index, leaf in enumerate(jax.tree.leaves(params)):
+        a = jnp.asarray(leaf)
+        if jnp.iscomplexobj(a):
+            a = jnp.stack([a.real, a.imag])
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            a = lax.bitcast_convert_type(a, {1: jnp.uint8, 2: jnp.uint16}.get(jnp.dtype(a.dtype).itemsize, jnp.uint32))
+        w = a.astype(jnp.uint32).reshape(-1)
+        weight = jnp.arange(w.shape[0], dtype=jnp.uint32) * jnp.uint32(4) + jnp.uint32(3)
+        total = total + jnp.sum(w * weight, dtype=jnp.uint32) * jnp.uint32(2 * index + 1)
+    return total
+
+
+def _zero_examples(tree: PyTree, where: Array) -> PyTree:
+    return jax.tree.map(lambda a: jnp.where(_bcast(where, a.ndim), jnp.zeros((), a.dtype), a), tree)
+
+
+def _flat(J: Array) -> Array:
+    """An influence leaf ``(B, *lead, U, W, m)`` as ``(B, L, U·W·m)`` (a free reshape)."""
+    return J.reshape(J.shape[0], int(np.prod(J.shape[1:-3])), int(np.prod(J.shape[-3:])))
+
+
+def _run_if(pred: Array, fn, state: ChunkedState, default: tuple) -> tuple:
+    """``fn(state)`` if ``pred`` else ``default``, as ``(grads, influence)``.  A
+    ``lax.while_loop`` of zero or one trip rather than ``lax.cond``: XLA updates a while loop's
+    carry in place, whereas a ``cond`` whose other branch passes the influence through costs a
+    copy of it at every step (it dominated the step time)."""
+
+    def body(carry):
+        return (jnp.zeros((), bool),) + tuple(fn(state._replace(influence=carry[2])))
+
+    return lax.while_loop(lambda c: c[0], body, (pred,) + tuple(default))[1:]
+
+
+def _sum_axis1(x: Array) -> Array:
+    """``x.sum(1)`` as a batched product with ones (XLA:CPU reduces non-minor axes slowly)."""
+    ones = jnp.ones((x.shape[0], 1, x.shape[1]), x.dtype)
+    out = jnp.matmul(ones, x.reshape(x.shape[0], x.shape[1], -1), precision=lax.Precision.HIGHEST)
+    return out.reshape(x.shape[:1] + x.shape[2:])
 
 
 def _bcast(flag: Array, ndim: int, axis: int = 0) -> Array:
