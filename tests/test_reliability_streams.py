@@ -14,6 +14,7 @@ from flax import nnx
 
 import snapjax as sj
 from snapjax.methods.chunked_sweeps import params_fingerprint
+from snapjax.training.update import COUNT_MAX, saturating_add
 
 
 # -- item 5: a fault in a chunked period is contained per example, as per step ---------------
@@ -133,3 +134,63 @@ def test_the_parameter_fingerprint_is_exact_and_order_free(x64):
     swapped = {**params, "a": params["a"][::-1]}  # the same values elsewhere
     for other in (one_ulp, swapped, {**params, "b": params["b"] + 1}):
         assert int(params_fingerprint(other)) != int(fp)
+
+
+# -- crashes that are now clear snapjax errors ------------------------------------------------
+@pytest.fixture
+def gru_state():
+    learner = sj.OnlineLearner(nn.GRUCell(4), readout_size=2)
+    return learner, learner.init(jax.random.key(0), batch_size=2, input_size=3)
+
+
+def test_predict_checks_the_input_size_and_the_carry(gru_state):
+    learner, state = gru_state
+    with pytest.raises(ValueError, match=r"the inputs have 5 features \(n_in, their last axis\), the model's first "
+                                         r"layer takes 3 \(its parameters were built for input_size=3\)"):
+        learner.predict(state, jnp.ones((4, 2, 5)))
+    dense_first = sj.OnlineLearner([nn.Dense(6), nn.GRUCell(4)], readout_size=2)
+    s = dense_first.init(jax.random.key(0), batch_size=2, input_size=3)
+    with pytest.raises(ValueError, match=r"inputs have 2 features .* first layer takes 3"):
+        dense_first.evaluate(s, jnp.ones((4, 2, 2)), jnp.zeros((4, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"carry\[0\] has batch 3, xs \(T, B, n_in\) has batch 2"):
+        learner.predict(state, jnp.ones((4, 2, 3)), (jnp.zeros((3, 4)),))
+    with pytest.raises(ValueError, match=r"carry must be a tuple of 1 carries .* got ArrayImpl"):
+        learner.predict(state, jnp.ones((4, 2, 3)), jnp.zeros((2, 4)))
+    outs, carry = learner.predict(state, jnp.ones((4, 2, 3)))  # its own carry continues the stream
+    assert learner.predict(state, jnp.ones((1, 2, 3)), carry)[0].shape == (1, 2, 2)
+
+
+@pytest.mark.parametrize("name,kw", [("rtrl", {}), ("snap1", {}), ("rtrl", {"chunk": 2}), ("snap1", {"chunk": 2})])
+def test_a_method_built_for_another_input_size_says_so(name, kw):
+    cell = nn.GRUCell(4)
+    params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
+    method = sj.online_method(name, cell, params, **kw)
+    with pytest.raises(ValueError, match=r"x must .*shape \(2, 3\), got .*\(2, 5\)"):
+        method.step(params, method.init_carry(2), method.init(2), jnp.ones((2, 5)))
+
+
+def test_a_batch_other_than_the_states_is_named(gru_state):
+    learner, state = gru_state
+    with pytest.raises(ValueError, match=r"x_t \(3, 3\) \(B, n_in\): batch 3 differs from the state's batch 2"):
+        learner.step(state, jnp.ones((3, 3)), jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"xs \(4, 3, 3\) \(T, B, n_in\): batch 3 differs from the state's batch 2"):
+        learner.run(state, jnp.ones((4, 3, 3)), jnp.zeros((4, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"time-major .* \(batch-major\? transpose"):  # the hint stays
+        learner.run(state, jnp.ones((2, 4, 3)), jnp.zeros((4, 2), jnp.int32))
+
+
+def test_fault_counters_saturate_instead_of_wrapping(gru_state):
+    """``resets``/``excluded``/``skipped`` are int32 and hold at 2³¹ − 1 (documented)."""
+    learner, state = gru_state
+    top = COUNT_MAX
+    assert top == 2**31 - 1
+    state = state._replace(resets=jnp.int32(top - 1), excluded=jnp.int32(top - 1), skipped=jnp.int32(top))
+    x = jnp.ones((2, 3)).at[0, 0].set(jnp.nan)  # example 0 is reset
+    y = jnp.array([0, 7], jnp.int32)  # example 1's label is out of range: excluded
+    for expected in (top, top):  # reaches the top, then stays there
+        state, _, m = learner.step(state, x, y)
+        assert int(m["resets"]) == int(m["excluded"]) == int(state.resets) == expected
+        assert int(m["skipped"]) == top
+    assert int(saturating_add(jnp.int32(5), jnp.int32(2))) == 7
+    assert int(saturating_add(jnp.int32(top - 2), jnp.int32(2))) == top
+    assert int(saturating_add(jnp.int32(top), jnp.int32(0))) == top

@@ -199,10 +199,12 @@ def check_step_inputs(state: OnlineState, x: Array, mask: Array | None) -> int:
     """The batch size; ``ValueError`` unless ``x`` is ``(B, n_in)`` floating point and ``mask``
     ``(B,)``."""
     batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-    if jnp.ndim(x) != 2 or jnp.shape(x)[0] != batch:
+    if jnp.ndim(x) != 2:
         raise ValueError(
             f"x_t must have shape ({batch}, n_in), got {jnp.shape(x)} (chunks are time-major (T, B, n_in))"
         )
+    if jnp.shape(x)[0] != batch:
+        raise ValueError(_batch_differs(f"x_t {jnp.shape(x)} (B, n_in)", jnp.shape(x)[0], batch))
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"inputs must be floating point, got {jnp.result_type(x)}")
     if mask is not None and jnp.shape(mask) != (batch,):
@@ -234,11 +236,13 @@ def check_chunk(state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> 
     ``masks (T, B)`` are time-major with the state's batch."""
     xs = jnp.asarray(xs)
     batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-    if jnp.ndim(xs) != 3 or jnp.shape(xs)[1] != batch:
+    if jnp.ndim(xs) != 3 or (jnp.shape(xs)[1] != batch and jnp.shape(xs)[0] == batch):
         raise ValueError(
             f"xs must be time-major (T, {batch}, n_in), got {jnp.shape(xs)}"
             + (" (batch-major? transpose to (T, B, n_in))" if jnp.ndim(xs) == 3 and jnp.shape(xs)[0] == batch else "")
         )
+    if jnp.shape(xs)[1] != batch:
+        raise ValueError(_batch_differs(f"xs {jnp.shape(xs)} (T, B, n_in)", jnp.shape(xs)[1], batch))
     T = xs.shape[0]
     for leaf in jax.tree.leaves(ys):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != T:
@@ -247,3 +251,23 @@ def check_chunk(state: OnlineState, xs: Array, ys: Any, masks: Array | None) -> 
         raise ValueError(f"masks must have shape (T, B) = ({T}, {batch}), got {jnp.shape(masks)}")
     check_loss_weights(masks)
     return xs
+
+
+def _batch_differs(what: str, got: int, batch: int) -> str:
+    """The message for inputs whose batch is not the state's."""
+    return (f"{what}: batch {got} differs from the state's batch {batch} (the state was built with "
+            f"learner.init(..., batch_size={batch}); init a state with batch_size={got} for this batch)")
+
+
+def check_input_size(stages: Sequence[Stage], params: PyTree, n_in: int) -> None:
+    """``ValueError`` unless ``n_in`` input features fit the model's first layer, when its
+    parameters tell its input size (a Dense kernel, a compressed cell's input kernels)."""
+    p = stages[0].params(params)
+    if stages[0].recurrent:
+        want = stages[0].module.input_size(p)
+    else:
+        kernel = p.get("kernel") if isinstance(p, Mapping) else None
+        want = int(jnp.shape(kernel)[0]) if kernel is not None and jnp.ndim(kernel) == 2 else None
+    if want is not None and want != n_in:
+        raise ValueError(f"the inputs have {n_in} features (n_in, their last axis), the model's first layer takes "
+                         f"{want} (its parameters were built for input_size={want})")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from snapjax.training.config import check_loss_weights
+from snapjax.training.config import check_input_size, check_loss_weights
 from snapjax.training.online_state import OnlineState
 from snapjax.training.stage_passes import forward_only
 
@@ -43,13 +43,35 @@ def predict(learner: Any, state_or_params: Any, xs: Array, carry: tuple | None =
         raise ValueError(f"xs must be time-major (T, B, n_in), got {jnp.shape(xs)}")
     dtype = jnp.result_type(*jax.tree.leaves(params))
     stages = learner.stages
-    start = tuple(s.module.init_carry(xs.shape[1], dtype) for s in stages if s.recurrent) if carry is None else carry
+    check_input_size(stages, params, xs.shape[-1])
+    zero = lambda: tuple(s.module.init_carry(xs.shape[1], dtype) for s in stages if s.recurrent)  # noqa: E731
+    start = zero() if carry is None else _checked_carry(carry, jax.eval_shape(zero), xs.shape[1])
 
     def body(cs, x):
         return forward_only(stages, params, cs, x.astype(dtype))
 
     final, outs = lax.scan(body, tuple(start), xs)
     return outs, final
+
+
+def _checked_carry(carry: Any, want: tuple, batch: int) -> tuple:
+    """``carry`` as a tuple, ``ValueError`` unless it has the zero carry's structure and shapes
+    (one carry per recurrent stage, batch ``xs.shape[1]``)."""
+    if not isinstance(carry, (tuple, list)) or len(carry) != len(want):
+        raise ValueError(f"carry must be a tuple of {len(want)} carries (one per recurrent stage, as predict "
+                         f"returns), got {type(carry).__name__}" + (f" of {len(carry)}" if isinstance(carry, (tuple, list)) else ""))
+    for i, (c, w) in enumerate(zip(carry, want)):
+        got = jax.tree_util.tree_flatten_with_path(c)[0]
+        if str(jax.tree.structure(c)) != str(jax.tree.structure(w)):
+            raise ValueError(f"carry[{i}] must have the structure {jax.tree.structure(w)}, got {jax.tree.structure(c)}")
+        for (path, a), b in zip(got, jax.tree.leaves(w)):
+            name = f"carry[{i}]{jax.tree_util.keystr(path)}"
+            if jnp.ndim(a) >= 1 and jnp.ndim(a) == b.ndim and jnp.shape(a)[0] != batch:
+                raise ValueError(f"{name} has batch {jnp.shape(a)[0]}, xs (T, B, n_in) has batch {batch}: "
+                                 "the carry must be for the same examples")
+            if jnp.shape(a) != b.shape:
+                raise ValueError(f"{name} has shape {jnp.shape(a)}, expected {b.shape}")
+    return tuple(carry)
 
 
 def evaluate(learner: Any, state_or_params: Any, xs: Array, ys: Any, masks: Array | None = None,

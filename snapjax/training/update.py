@@ -7,6 +7,12 @@ stay fixed.  With ``skip_unscored_updates`` a period with no scored example make
 step whose gradient stayed non-finite after containment (``skip``) is not applied and is
 counted in ``skipped``.  :meth:`snapjax.OnlineLearner.step` calls :func:`period_update` last.
 
+The cumulative counts ``skipped``, ``resets`` and ``excluded`` (``metrics`` and the state) are
+int32 and *saturate* at ``2³¹ − 1`` (:data:`COUNT_MAX`) instead of wrapping to negative
+values: ``resets``/``excluded`` count example-steps, so a batch of 1,024 could reach it after
+2·10⁶ steps of faults.  A count equal to ``COUNT_MAX`` means "at least that many"; for exact
+totals over longer runs, read and reset them between chunks (``state._replace(resets=0)``).
+
 Example (an update every 2 steps)::
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, snapjax as sj
@@ -30,7 +36,23 @@ from snapjax.training.online_state import OnlineState
 
 PyTree = Any
 
-__all__ = ["period_update", "across_devices", "any_device"]
+__all__ = ["period_update", "across_devices", "any_device", "saturating_add", "COUNT_MAX"]
+
+#: The largest value of the learner's int32 counters (they saturate there).
+COUNT_MAX = int(jnp.iinfo(jnp.int32).max)
+
+
+def saturating_add(total: jax.Array, n: jax.Array) -> jax.Array:
+    """``total + n`` for int32 counts (``n >= 0``), held at :data:`COUNT_MAX` instead of wrapping.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> int(saturating_add(jnp.int32(COUNT_MAX - 1), jnp.int32(5))) == COUNT_MAX
+        True
+    """
+    total, n = jnp.asarray(total, jnp.int32), jnp.asarray(n, jnp.int32)
+    return jnp.where(total > COUNT_MAX - n, jnp.int32(COUNT_MAX), total + n)
 
 
 def across_devices(tree: PyTree, batch_axis: str | None) -> PyTree:
@@ -97,9 +119,9 @@ def period_update(learner: Any, state: OnlineState, methods: tuple, loss: jax.Ar
         new_states = tuple(
             m.reset(s, jnp.broadcast_to(do_update, (batch,))) for m, s in zip(methods, new_states)
         )
-    skipped = state.skipped + (jnp.zeros((), jnp.int32) if skip is None else skip.astype(jnp.int32))
-    total_resets = state.resets + resets
-    total_excluded = state.excluded + excluded
+    skipped = saturating_add(state.skipped, jnp.zeros((), jnp.int32) if skip is None else skip.astype(jnp.int32))
+    total_resets = saturating_add(state.resets, resets)
+    total_excluded = saturating_add(state.excluded, excluded)
     new_state = OnlineState(
         params=new_params, opt_state=opt_state, carry=carries, method_state=new_states,
         grad_acc=acc, loss_acc=loss_acc, scored=any_scored, step=count, key=state.key,
