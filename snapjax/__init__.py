@@ -16,11 +16,13 @@ The public API.  The package is layered, and imports flow one way (a test enforc
 
 from snapjax.cells.builtin import as_cell_spec, gru_spec, lstm_spec, mgu_spec, vanilla_spec
 from snapjax.cells.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
+from snapjax.cells.leaky import LeakyRNNCell, leaky_spec
 from snapjax.cells.lru import LRUCell, lru_lambda, lru_spec
 from snapjax.cells.modules import GRUCell, LSTMCell, VanillaCell
 from snapjax.cells.nnx import from_nnx, to_nnx
 from snapjax.cells.recurrent import Recurrent, as_recurrent
 from snapjax.cells.spec import CellSpec, Projection, cell_step
+from snapjax.cells.spiking import ALIFCell, LIFCell, alif_spec, lif_spec
 from snapjax.checkpoint import restore_state, save_state, state_from_bytes, state_to_bytes
 from snapjax.engine.sparsity import apply_masks, density_report, mask_updates, random_masks, snap_pattern_size
 from snapjax.engine.verify import verify_spec
@@ -61,6 +63,7 @@ __all__ = [
     "CellSpec", "Projection", "VanillaCell", "GRUCell", "LSTMCell", "EGRUCell",
     "vanilla_spec", "gru_spec", "lstm_spec", "mgu_spec", "egru_spec", "heaviside", "PSEUDO_DERIVATIVES",
     "LRUCell", "lru_spec", "lru_lambda", "from_nnx", "to_nnx",
+    "LIFCell", "ALIFCell", "lif_spec", "alif_spec", "LeakyRNNCell", "leaky_spec",
     "as_cell_spec", "cell_step", "verify_spec", "Recurrent", "as_recurrent",
     # online methods (one interface)
     "OnlineMethod", "StepResult", "online_method", "InfluenceState", "TBPTTState",

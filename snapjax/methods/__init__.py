@@ -27,6 +27,10 @@ name                method (file)
                     :mod:`~snapjax.methods.sliding_tbptt`)
 ``"esdrtrl"``       ES-D-RTRL (braintrace's ``pp_prop``): D-RTRL's trace factorised per weight
                     matrix (cells with one state per unit; :mod:`~snapjax.methods.esdrtrl`)
+``"eprop"``         e-prop: eligibility traces through each unit's own state, optionally
+                    filtered (compressed cells, e.g. LIF/ALIF; :mod:`~snapjax.methods.eprop`)
+``"rflo"``          RFLO: SnAp-1 with ``D`` replaced by its leak (one-state cells, e.g. the
+                    leaky RNN; :mod:`~snapjax.methods.rflo`)
 ==================  ========================================================================
 
 :func:`registered_methods` lists what is registered now (user methods included).
@@ -56,7 +60,7 @@ from snapjax.methods.registry import (
 
 # The built-in methods register themselves when imported; this order is the listing order.
 # isort: off
-from snapjax.methods import rtrl, uoro, tbptt, activity, immediate, sliding_tbptt, esdrtrl, kfrtrl, ok  # noqa: E402, F401
+from snapjax.methods import rtrl, uoro, tbptt, activity, immediate, sliding_tbptt, esdrtrl, kfrtrl, ok, eprop, rflo  # noqa: E402, F401, E501
 # isort: on
 
 __all__ = ["OnlineMethod", "StepResult", "online_method", "register_method", "unregister_method",

@@ -61,7 +61,7 @@ from snapjax.training.guard import contain_faults
 from snapjax.training.losses import Loss, get_loss
 from snapjax.training.model import OnlineModel, Stage, param_masks
 from snapjax.training.online_state import OnlineState, initial_params
-from snapjax.training.stage_passes import backward, forward
+from snapjax.training.stage_passes import backward, forward, random_feedback
 from snapjax.training.transforms import masked_updates
 from snapjax.training.update import across_devices, any_device, period_update
 
@@ -107,6 +107,9 @@ class OnlineLearner:
       param_axis: a mesh axis name: :meth:`run` keeps every method state split along its
         parameter axis over it (model-parallel influence, :mod:`snapjax.parallel.sharding`); combine
         with ``batch_axis`` for a 2-D mesh.  Place the state with :func:`snapjax.shard_state`.
+      feedback: ``"symmetric"`` (backpropagation through the head) or ``"random"``: the last
+        recurrent layer gets ``ε B`` with ``B`` fixed random ``(out, h)``, drawn from the state's
+        key (RFLO, e-prop; :func:`~snapjax.training.stage_passes.random_feedback`).
 
     Example (a GRU with a 3-class head, SnAp-1, 6 steps of 2 examples; every step updates)::
 
@@ -141,6 +144,7 @@ class OnlineLearner:
     reset_influence: bool = False
     batch_axis: str | None = None
     param_axis: str | None = None
+    feedback: Literal["symmetric", "random"] = "symmetric"
     if TYPE_CHECKING:  # set in __post_init__ (frozen dataclass); at run time not dataclass fields
         _model: OnlineModel = dataclasses.field(init=False)
         _stages: list[Stage] = dataclasses.field(init=False)
@@ -290,10 +294,12 @@ class OnlineLearner:
         valid = valid & (mask >= 0) & jnp.isfinite(mask)
         weight = jnp.where(valid, mask, 0)
 
+        fb = (random_feedback(self._stages, recs, state.key, outputs.shape[-1], dtype)
+              if self.feedback == "random" else None)
         def loss_and_grads(weight, recs, outputs):
             loss, cot = self._loss_and_cot(outputs, y_t, weight)
             stepped = tuple(r[2].state for r in recs if r[2] is not None)
-            grads, states = backward(self._stages, params, recs, cot, methods, stepped)
+            grads, states = backward(self._stages, params, recs, cot, methods, stepped, fb)
             carries = tuple(r[2].carry for r in recs if r[2] is not None)
             loss, grads = self._across((loss, grads))
             return loss, grads, states, carries

@@ -8,6 +8,12 @@ sends the loss cotangent down through the stages *within the step* (the stack ap
 :func:`contain` resets the examples a fault was seen in; :func:`forward_only` is a step
 without methods (prediction).
 
+Random feedback (RFLO, e-prop; ``OnlineLearner(feedback="random")``): :func:`backward` given a
+``feedback`` matrix ``B`` (``(out, h)``, the shape of ``W_outᵀ``) sends the last recurrent stage
+the cotangent ``ε_t B`` of the model's output cotangent ``ε_t`` instead of its backpropagation
+through the head (``ε_t W_outᵀ`` for a ``Dense`` head); the head's own gradient is unchanged.
+:func:`random_feedback` draws ``B ~ N(0, 1/h)`` (a ``Dense`` kernel's initial scale) from a key.
+
 Example (a Dense encoder and a GRU: the forward records, then the gradient of ``Σ out``)::
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 from snapjax.methods.base import select_examples
 from snapjax.training.model import Stage
 
-__all__ = ["forward", "backward", "contain", "head_output", "forward_only"]
+__all__ = ["forward", "backward", "contain", "head_output", "forward_only", "random_feedback"]
 
 
 def forward(stages: list[Stage], params, carries, states, x, methods):
@@ -52,8 +58,9 @@ def forward(stages: list[Stage], params, carries, states, x, methods):
     return h, recs
 
 
-def backward(stages: list[Stage], params, recs, out_cot, methods, states):
-    """Cotangents within the step; returns ``(grads, new method states)``."""
+def backward(stages: list[Stage], params, recs, out_cot, methods, states, feedback=None):
+    """Cotangents within the step; returns ``(grads, new method states)``.  ``feedback``: a
+    fixed ``(out, h)`` matrix ``B``; the last recurrent stage then gets ``out_cot @ B``."""
     grads: dict[str, Any] = {}
     new_states = list(states)
     cot, j = out_cot, len(methods)
@@ -63,6 +70,8 @@ def backward(stages: list[Stage], params, recs, out_cot, methods, states):
         p = stage.params(params)
         need_in = has_params_below[i]
         if stage.recurrent:
+            if feedback is not None and j == len(methods):  # the last recurrent stage: random feedback
+                cot = jnp.matmul(out_cot, jnp.asarray(feedback, out_cot.dtype))
             j -= 1
             _, pull_out = jax.vjp(stage.module.output, res.carry)
             dcarry = pull_out(cot)[0]
@@ -83,6 +92,31 @@ def backward(stages: list[Stage], params, recs, out_cot, methods, states):
         if g is not None:
             stage.merge(grads, g)
     return grads, tuple(new_states)
+
+
+def random_feedback(stages: list[Stage], recs, key, out_size: int, dtype) -> jax.Array:
+    """The fixed random feedback ``B`` of shape ``(out_size, h)``, ``h`` the width the last
+    recurrent stage emits, ``B ~ N(0, 1/h)``: a pure function of ``key`` (the learner passes its
+    state's key, which a run never changes, so ``B`` is drawn once per run and restored with it).
+
+    Example::
+
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, snapjax as sj
+        >>> from snapjax.training.stage_passes import forward, random_feedback
+        >>> model = sj.OnlineModel([nn.GRUCell(5), nn.Dense(2)])
+        >>> params = model.init(jax.random.key(0), input_size=3)
+        >>> method = sj.online_method("snap1", model.stages()[0].module, params["layers_0"])
+        >>> out, recs = forward(model.stages(), params, (method.init_carry(1),), (method.init(1),),
+        ...                     jnp.ones((1, 3)), (method,))
+        >>> B = random_feedback(model.stages(), recs, jax.random.key(7), 2, jnp.float32)
+        >>> B.shape, bool(jnp.array_equal(B, random_feedback(model.stages(), recs, jax.random.key(7), 2, jnp.float32)))
+        ((2, 5), True)
+    """
+    last = max(i for i, s in enumerate(stages) if s.recurrent)
+    if last + 1 >= len(stages):
+        raise ValueError("random feedback needs a feed-forward head after the last recurrent layer")
+    h = recs[last + 1][0].shape[-1]
+    return jax.random.normal(jax.random.fold_in(key, 0xFEED), (out_size, h), dtype) * (h ** -0.5)
 
 
 def contain(recs, good, methods, batch, dtype):
