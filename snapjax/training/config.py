@@ -36,7 +36,7 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = ["resolve_learner", "check_method_options", "check_positive_int", "check_optimizer", "check_finite_params", "check_mesh_axes", "check_mask_layers", "resolve_model", "resolve_stage_methods",
-           "build_stage_methods", "check_step_inputs", "check_chunk", "check_loss_weights"]
+           "check_feedback", "build_stage_methods", "check_step_inputs", "check_chunk", "check_loss_weights"]
 
 
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -119,7 +119,18 @@ def resolve_learner(learner: Any) -> tuple[OnlineModel, list[Stage], tuple]:
     check_positive_int("chunk", learner.chunk, allow_none=True)
     check_positive_int("update_every", learner.update_every, allow_none=True)
     check_method_options(learner.method_options)
+    check_feedback(learner.feedback, stages)
     return model, stages, resolve_stage_methods(learner.method, stages, learner.n, learner.tbptt_window)
+
+
+def check_feedback(feedback: Any, stages: Sequence[Stage]) -> None:
+    """``ValueError`` unless ``feedback`` is ``"symmetric"`` or ``"random"``, and ``"random"``
+    has a feed-forward head after the last recurrent layer to stand in for."""
+    if feedback not in ("symmetric", "random"):
+        raise ValueError(f"feedback must be 'symmetric' or 'random', got {feedback!r}")
+    if feedback == "random" and stages[-1].recurrent:
+        raise ValueError("feedback='random' needs a feed-forward head after the last recurrent layer "
+                         "(readout_size=..., or a Dense at the end of the model)")
 
 
 def build_stage_methods(
