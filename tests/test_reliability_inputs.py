@@ -226,3 +226,14 @@ def test_a_cellspec_layer_initialises_and_a_layer_key_typo_is_named():
         learner.init(jax.random.key(0), {"layer_1": state.params["layers_1"]}, batch_size=2, input_size=3)
     with pytest.raises(ValueError, match=r"unit_init for unknown unit parameter\(s\) \['tau'\]"):
         spec.init(jax.random.key(0), 3, unit_init={"tau": jnp.ones})
+
+
+def test_a_wrong_input_feature_size_is_named_by_the_learner_and_uoro():
+    learner = sj.OnlineLearner([nn.Dense(4), nn.GRUCell(4)], readout_size=2)
+    state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    with pytest.raises(ValueError, match="the inputs have 5 features .* the model's first layer takes 3"):
+        learner.run(state, jnp.ones((2, 2, 5)), jnp.zeros((2, 2), jnp.int32))
+    params = _gru_params()
+    method = sj.online_method("uoro", nn.GRUCell(4), params)
+    with pytest.raises(ValueError, match="UORO: x has 5 features, the cell's input kernels take 3"):
+        method.step(params, method.init_carry(2), method.init(2, key=jax.random.key(0)), jnp.ones((2, 5)))

@@ -103,7 +103,7 @@ def fusion_groups(spec: CellSpec, params: PyTree, fuse: bool) -> tuple[tuple[int
     if not fuse or n < 2:
         return tuple((i,) for i in range(n))
     rng = np.random.default_rng(1234)
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     u, m = spec.units, spec.state_dim
     with jax.ensure_compile_time_eval():
         unit = {}
@@ -111,7 +111,7 @@ def fusion_groups(spec: CellSpec, params: PyTree, fuse: bool) -> tuple[tuple[int
             leaf = params[q]
             concrete = not isinstance(leaf, (jax.core.Tracer, jax.ShapeDtypeStruct))
             unit[q] = jnp.asarray(leaf if concrete else np.full((u,), 0.5), dtype)
-        sigs = [[] for _ in range(n)]
+        sigs: list[list] = [[] for _ in range(n)]
         for scale in (0.7, 2.3):
             pre = {p.name: jnp.asarray(scale * rng.standard_normal((3, u)), dtype) for p in spec.projections}
             s = jnp.asarray(scale * rng.standard_normal((3, u, m)), dtype)

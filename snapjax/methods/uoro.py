@@ -193,6 +193,9 @@ class UORO(OnlineMethod):
     def step(self, params: PyTree, carry: PyTree, state: UOROState, x: Array) -> StepResult:
         """One step: the new carry and the updated rank-one estimate (see module docstring)."""
         batch = self.carry.step_args(carry, x)
+        n_in = self.cell.input_size(params)
+        if n_in is not None and jnp.shape(x)[-1] != n_in:
+            raise ValueError(f"UORO: x has {jnp.shape(x)[-1]} features, the cell's input kernels take {n_in}")
         s_tilde, theta, key = state
         if self.carry.like(s_tilde, "s_tilde") != batch:
             raise ValueError(f"UORO state is for batch {jax.tree.leaves(s_tilde)[0].shape[0]}, the carry has {batch}")

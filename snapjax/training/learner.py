@@ -52,6 +52,7 @@ from snapjax.training.config import (
     build_stage_methods,
     check_chunk,
     check_finite_params,
+    check_input_size,
     check_positive_int,
     check_step_inputs,
     resolve_learner,
@@ -277,6 +278,7 @@ class OnlineLearner:
         """
         x_t = jnp.asarray(x_t)
         batch = check_step_inputs(state, x_t, mask_t)
+        check_input_size(self._stages, state.params, jnp.shape(x_t)[-1])
         params = state.params
         methods = self.methods(params)
         dtype = jnp.result_type(*jax.tree.leaves(params))
