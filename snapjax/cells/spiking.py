@@ -179,7 +179,7 @@ class LIFCell(_SpecCell):
         return lif_spec(self.features, self.alpha, self.v_th, self.gamma, self.pseudo_derivative, self.detach_reset)
 
 
-class ALIFCell(_SpecCell):
+class ALIFCell(LIFCell):
     """ALIF neurons as a flax.linen recurrent cell: carry ``(v, a, z)``, output the spikes ``z``.
 
     Attributes (besides :class:`LIFCell`'s):
@@ -201,18 +201,8 @@ class ALIFCell(_SpecCell):
         (2, 3)
     """
 
-    tau_m: float = 20.0
     tau_a: float = 200.0
     beta: float = 0.07
-    dt: float = 1.0
-    v_th: float = 1.0
-    gamma: float = 0.3
-    pseudo_derivative: str = "triangle"
-    detach_reset: bool = True
-
-    @property
-    def alpha(self) -> float:
-        return math.exp(-self.dt / self.tau_m)
 
     @property
     def rho(self) -> float:
