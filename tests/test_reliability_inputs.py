@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tree_rel_err
 from flax import nnx
 from jax import lax
 
 import snapjax as sj
-from conftest import tree_rel_err
 
 
 def _gru_params(units=4, n_in=3, dtype=jnp.float32, module=None):
@@ -237,3 +237,45 @@ def test_a_wrong_input_feature_size_is_named_by_the_learner_and_uoro():
     method = sj.online_method("uoro", nn.GRUCell(4), params)
     with pytest.raises(ValueError, match="UORO: x has 5 features, the cell's input kernels take 3"):
         method.step(params, method.init_carry(2), method.init(2, key=jax.random.key(0)), jnp.ones((2, 5)))
+
+
+class _EmitsProjection(nn.RNNCellBase):
+    """(carry, x) -> (carry', W carry'): the emitted y is not the carry."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, carry, x):
+        h, _ = nn.GRUCell(self.features)(carry, x)
+        return h, nn.Dense(self.features)(h)
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros(input_shape[:-1] + (self.features,))
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+class _TupleCarry(_EmitsProjection):
+    """carry (h, c), output h + c (neither element)."""
+
+    @nn.compact
+    def __call__(self, carry, x):
+        h, c = carry
+        h2, _ = nn.GRUCell(self.features)(h, x)
+        return (h2, c + h2), h2 + c + h2
+
+    def initialize_carry(self, rng, input_shape):
+        z = jnp.zeros(input_shape[:-1] + (self.features,))
+        return (z, z)
+
+
+@pytest.mark.parametrize("module", [_EmitsProjection(4), _TupleCarry(4)], ids=["y=W.carry", "tuple-carry"])
+def test_a_module_emitting_other_than_its_carry_is_refused(module):
+    learner = sj.OnlineLearner([module, nn.Dense(2)], method="rtrl")
+    with pytest.raises(ValueError, match="returns \\(carry, y\\) with y other than its carry"):
+        learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    # given the read-out as output=fn(carry), the layer emits what the module returns
+    ok = sj.OnlineLearner([sj.as_recurrent(_TupleCarry(4), output=lambda c: 2 * c[0] + c[1] - c[0]), nn.Dense(2)])
+    ok.init(jax.random.key(0), batch_size=2, input_size=3)

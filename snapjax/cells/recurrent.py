@@ -73,6 +73,29 @@ class Recurrent:
     init_carry: Callable[..., PyTree]
     spec: CellSpec | None = None
     module: Any = None
+    default_output: bool = False  # a generic module whose output is guessed from its carry
+
+    def check_output(self, params: PyTree, input_size: int | None) -> None:
+        """``ValueError`` when a generic module emits a ``y`` other than ``output(carry)`` (the
+        layer would pass on the wrong values).  Checked once, on concrete parameters, with a
+        random carry and input; skipped for traced parameters and user-given ``output``."""
+        leaves = jax.tree.leaves(params)
+        if not self.default_output or input_size is None or any(isinstance(a, jax.core.Tracer) for a in leaves):
+            return
+        with jax.ensure_compile_time_eval():
+            dtype = jnp.result_type(*leaves)
+            k1, k2 = jax.random.split(jax.random.key(0))
+            carry = jax.tree.map(lambda a: jax.random.normal(k1, a.shape, dtype), self.init_carry(2, dtype))
+            new, y = self.module.apply({"params": params}, carry, jax.random.normal(k2, (2, input_size), dtype))
+            guess = self.output(new)
+            same = str(jax.tree.structure(y)) == str(jax.tree.structure(guess)) and all(
+                jnp.shape(a) == jnp.shape(b) and bool(jnp.allclose(a, b, rtol=1e-5, atol=1e-6))
+                for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(guess)))
+        if not same:
+            raise ValueError(
+                f"{self.name} returns (carry, y) with y other than its carry (or the carry's last element): the layer "
+                "would pass the carry on. Return the carry as y and put the read-out in the next layer (e.g. an "
+                "nn.Dense), or give snapjax.as_recurrent(module, output=fn) with fn(carry) == y")
 
     def init_params(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> PyTree:
         """``module.init(...)['params']`` for a flax module; :meth:`snapjax.CellSpec.init` for a
@@ -121,7 +144,7 @@ def _from_module(module: nn.Module, output: Callable | None) -> Recurrent:
         carry = module.initialize_carry(jax.random.key(0), (int(batch_size), 1))
         return jax.tree.map(lambda a: jnp.zeros(a.shape, dtype), carry)
 
-    return Recurrent(type(module).__name__, apply, out_fn, init_carry, None, module)
+    return Recurrent(type(module).__name__, apply, out_fn, init_carry, None, module, default_output=output is None)
 
 
 def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = False) -> Recurrent:

@@ -147,6 +147,7 @@ def build_stage_methods(
         if isinstance(spec, OnlineMethod):
             out.append(spec)
             continue
+        stage.module.check_output(stage.params(params), sizes[stage.index])
         kw = dict(n=n, masks=stage_masks(stages, masks, stage), precision=precision, input_size=sizes[stage.index],
                   window=window, batch_axis=batch_axis, strict_options=False, **(options or {}))
         if chunk is not None:
