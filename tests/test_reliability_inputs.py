@@ -279,3 +279,9 @@ def test_a_module_emitting_other_than_its_carry_is_refused(module):
     # given the read-out as output=fn(carry), the layer emits what the module returns
     ok = sj.OnlineLearner([sj.as_recurrent(_TupleCarry(4), output=lambda c: 2 * c[0] + c[1] - c[0]), nn.Dense(2)])
     ok.init(jax.random.key(0), batch_size=2, input_size=3)
+
+
+def test_masks_on_unit_parameters_are_refused():
+    learner = sj.OnlineLearner(sj.LRUCell(4), readout_size=2, masks={"nu_log": np.ones(4)})
+    with pytest.raises(ValueError, match="mask for 'nu_log' of layers_0: masks apply to projection kernels"):
+        learner.init(jax.random.key(0), batch_size=2, input_size=3)

@@ -332,6 +332,10 @@ def param_masks(stages: list[Stage], masks, params: PyTree) -> PyTree:
                         f"mask for unknown projection {proj!r} of {lname}; its parameters are "
                         f"{sorted(params.get(lname, {}))}"
                     )
+                if not isinstance(params[lname][proj], Mapping) or "kernel" not in params[lname][proj]:
+                    kernels = sorted(k for k, v in params[lname].items() if isinstance(v, Mapping) and "kernel" in v)
+                    raise ValueError(f"mask for {proj!r} of {lname}: masks apply to projection kernels ({kernels}); "
+                                     f"{proj!r} is a per-unit parameter")
                 kshape = tuple(np.shape(params[lname][proj]["kernel"]))
                 mk = np.asarray(mk)
                 if mk.shape != kshape:
