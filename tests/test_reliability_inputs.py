@@ -285,3 +285,37 @@ def test_masks_on_unit_parameters_are_refused():
     learner = sj.OnlineLearner(sj.LRUCell(4), readout_size=2, masks={"nu_log": np.ones(4)})
     with pytest.raises(ValueError, match="mask for 'nu_log' of layers_0: masks apply to projection kernels"):
         learner.init(jax.random.key(0), batch_size=2, input_size=3)
+
+
+def test_a_donated_state_reused_says_which_call_donated_it():
+    learner = _learner()
+    state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    xs, ys = jnp.ones((3, 2, 3)), jnp.zeros((3, 2), jnp.int32)
+    new, _, _ = learner.run_jit(state, xs, ys)
+    with pytest.raises(ValueError, match="run_jit: this state was donated to an earlier run_jit call"):
+        learner.run_jit(state, xs, ys)
+    learner.run_jit(new, xs, ys)  # the returned state runs on
+    assert learner.run_jit.lower(new, xs, ys) is not None  # still the jitted function underneath
+
+
+class _DropoutGRU(_EmitsProjection):
+    @nn.compact
+    def __call__(self, carry, x):
+        h, _ = nn.GRUCell(self.features)(carry, nn.Dropout(0.5, deterministic=False)(x))
+        return h, h
+
+
+class _CountingGRU(_EmitsProjection):
+    @nn.compact
+    def __call__(self, carry, x):
+        count = self.variable("counters", "n", lambda: jnp.zeros((), jnp.int32))
+        count.value += 1
+        h, _ = nn.GRUCell(self.features)(carry, x)
+        return h, h
+
+
+def test_recurrent_modules_needing_rngs_or_other_collections_are_refused():
+    with pytest.raises(ValueError, match="_DropoutGRU: the generic path runs module.apply.*deterministic=True"):
+        sj.OnlineLearner([_DropoutGRU(4), nn.Dense(2)]).init(jax.random.key(0), batch_size=2, input_size=3)
+    with pytest.raises(ValueError, match=r"_CountingGRU has variable collections \['counters', 'params'\]"):
+        sj.OnlineLearner([_CountingGRU(4), nn.Dense(2)]).init(jax.random.key(0), batch_size=2, input_size=3)

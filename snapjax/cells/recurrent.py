@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,17 +77,24 @@ class Recurrent:
     default_output: bool = False  # a generic module whose output is guessed from its carry
 
     def check_output(self, params: PyTree, input_size: int | None) -> None:
-        """``ValueError`` when a generic module emits a ``y`` other than ``output(carry)`` (the
-        layer would pass on the wrong values).  Checked once, on concrete parameters, with a
-        random carry and input; skipped for traced parameters and user-given ``output``."""
+        """``ValueError`` when a generic module cannot run on its parameters alone (it needs other
+        variable collections, e.g. batch statistics, or rngs, e.g. Dropout) or emits a ``y``
+        other than ``output(carry)`` (the layer would pass on the wrong values).  Checked once,
+        on concrete parameters, with a random carry and input; skipped for traced parameters."""
         leaves = jax.tree.leaves(params)
-        if not self.default_output or input_size is None or any(isinstance(a, jax.core.Tracer) for a in leaves):
+        generic = self.spec is None and isinstance(self.module, nn.Module)
+        if not generic or input_size is None or any(isinstance(a, jax.core.Tracer) for a in leaves):
             return
         with jax.ensure_compile_time_eval():
             dtype = jnp.result_type(*leaves)
             k1, k2 = jax.random.split(jax.random.key(0))
             carry = jax.tree.map(lambda a: jax.random.normal(k1, a.shape, dtype), self.init_carry(2, dtype))
-            new, y = self.module.apply({"params": params}, carry, jax.random.normal(k2, (2, input_size), dtype))
+            try:
+                new, y = self.module.apply({"params": params}, carry, jax.random.normal(k2, (2, input_size), dtype))
+            except (flax.errors.InvalidRngError, flax.errors.ScopeCollectionNotFound) as err:
+                raise ValueError(_needs_more(self.name, err)) from None
+            if not self.default_output:
+                return
             guess = self.output(new)
             same = str(jax.tree.structure(y)) == str(jax.tree.structure(guess)) and all(
                 jnp.shape(a) == jnp.shape(b) and bool(jnp.allclose(a, b, rtol=1e-5, atol=1e-6))
@@ -106,11 +114,24 @@ class Recurrent:
             raise ValueError(f"{self.name}: cannot initialise parameters of a {type(self.module).__name__}; pass them "
                              "(the model's parameters are {'layers_i': params of layer i})")
         x0 = jnp.zeros((1, input_size), dtype)
-        return self.module.init(key, self.init_carry(1, dtype), x0)["params"]
+        try:
+            variables = self.module.init(key, self.init_carry(1, dtype), x0)
+        except flax.errors.InvalidRngError as err:
+            raise ValueError(_needs_more(self.name, err)) from None
+        if set(variables) != {"params"}:
+            raise ValueError(f"{self.name} has variable collections {sorted(variables)}: a recurrent cell trained "
+                             "online may hold only 'params' (batch statistics or counters are not supported)")
+        return variables["params"]
 
     def input_size(self, params: PyTree) -> int | None:
         """The input size read from ``params`` (compressed cells), else ``None``."""
         return None if self.spec is None else self.spec.input_size(params)
+
+
+def _needs_more(name: str, err: Exception) -> str:
+    return (f"{name}: the generic path runs module.apply({{'params': ...}}, carry, x) with no other variable "
+            "collections and no rngs, and this module needs them (a Dropout needs deterministic=True; batch "
+            f"statistics or counters are not supported in a recurrent cell): {type(err).__name__}")
 
 
 def _from_spec(spec: CellSpec, module: Any) -> Recurrent:
@@ -135,7 +156,10 @@ def _from_module(module: nn.Module, output: Callable | None) -> Recurrent:
     out_fn = output or _default_output
 
     def apply(params, carry, x):
-        return module.apply({"params": params}, carry, x)[0]
+        try:
+            return module.apply({"params": params}, carry, x)[0]
+        except (flax.errors.InvalidRngError, flax.errors.ScopeCollectionNotFound) as err:
+            raise ValueError(_needs_more(type(module).__name__, err)) from None
 
     def init_carry(batch_size, dtype=jnp.float32):
         features = getattr(module, "features", None)

@@ -57,6 +57,7 @@ from snapjax.training.config import (
     check_step_inputs,
     resolve_learner,
 )
+from snapjax.training.donation import DonatingJit
 from snapjax.training.forward_only import evaluate, predict
 from snapjax.training.guard import contain_faults
 from snapjax.training.losses import Loss, get_loss
@@ -155,8 +156,7 @@ class OnlineLearner:
 
     def __post_init__(self):
         model, stages, methods = resolve_learner(self)
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_stages", stages)
+        object.__setattr__(self, "_model", model), object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_method_specs", methods)
         object.__setattr__(self, "_loss", get_loss(self.loss))
         object.__setattr__(self, "_cache", {})
@@ -369,7 +369,7 @@ class OnlineLearner:
     @functools.cached_property
     def run_jit(self) -> Callable:
         """``jax.jit(self.run, donate_argnums=0)`` (the passed-in state's buffers are donated)."""
-        return jax.jit(self.run, donate_argnums=0)
+        return DonatingJit(self.run, "run_jit")
 
     # ----------------------------------------------------------- forward only
     def predict(self, state_or_params: Any, xs: Array, carry: tuple | None = None):
