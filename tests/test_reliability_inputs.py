@@ -319,3 +319,10 @@ def test_recurrent_modules_needing_rngs_or_other_collections_are_refused():
         sj.OnlineLearner([_DropoutGRU(4), nn.Dense(2)]).init(jax.random.key(0), batch_size=2, input_size=3)
     with pytest.raises(ValueError, match=r"_CountingGRU has variable collections \['counters', 'params'\]"):
         sj.OnlineLearner([_CountingGRU(4), nn.Dense(2)]).init(jax.random.key(0), batch_size=2, input_size=3)
+
+
+def test_an_nnx_cell_built_for_another_input_size_is_named():
+    learner = sj.OnlineLearner(nnx.GRUCell(3, 4, rngs=nnx.Rngs(0)), readout_size=2)
+    with pytest.raises(ValueError, match=r"layers_0 \(gru\) takes 3 input features .* its inputs have 5"):
+        learner.init(jax.random.key(0), batch_size=2, input_size=5)
+    learner.init(jax.random.key(0), batch_size=2, input_size=3)

@@ -259,6 +259,10 @@ class OnlineModel:
                         _check_given(name, p, jax.eval_shape(lambda kk: rec.init_params(kk, size, dtype), k))
                 else:
                     p = m.params if isinstance(m, NNXLayer) else rec.init_params(k, size, dtype)
+                built_for = rec.input_size(p)
+                if built_for is not None and built_for != size:
+                    raise ValueError(f"{name} ({rec.name}) takes {built_for} input features (its parameters' input "
+                                     f"kernels), but its inputs have {size}")
                 size = int(jnp.shape(rec.output(rec.apply(p, rec.init_carry(1, dtype), h)))[-1])
             elif name in given:
                 p = given[name]
