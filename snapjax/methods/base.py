@@ -264,11 +264,15 @@ class OnlineMethod(abc.ABC):
     # ------------------------------------------------------------------ reset
     def reset(self, state: PyTree, where: Array, *, key: Array | None = None) -> PyTree:
         """Re-initialise the examples with ``where[b]`` True (e.g. a new sequence, or an
-        example that became non-finite); the others are untouched, shared leaves are kept."""
+        example that became non-finite); the others are untouched, shared leaves are kept.
+        Without ``key``, a method whose state holds a PRNG key is re-initialised with that key
+        (a shared leaf: kept, never rewound), so methods that need a key get one."""
         batch = jnp.shape(where)[0]
         dtype = _float_dtype(state)
+        if key is None:
+            key = next((leaf for leaf in jax.tree.leaves(state) if is_key(leaf)), None)
         fresh = self.init(batch, dtype, key=key)
-        return select_examples(where, fresh, state, self.batch_axes())
+        return select_examples(jnp.asarray(where, bool), fresh, state, self.batch_axes())
 
 
 def _float_dtype(tree: PyTree) -> Any:

@@ -82,7 +82,7 @@ from snapjax.methods._kronecker import (
     rademacher,
     require_key,
 )
-from snapjax.methods.base import OnlineMethod, StepResult, select_examples
+from snapjax.methods.base import OnlineMethod, StepResult
 from snapjax.methods.registry import register_method
 
 Array = jax.Array
@@ -161,13 +161,6 @@ class KFRTRL(OnlineMethod):
         ``None``) seeds the random signs; a raw ``uint32`` key is wrapped."""
         b = check_state_dtype(self.name, batch_size, dtype)
         return self._zeros(b, dtype, require_key(self.name, key))
-
-    def reset(self, state: KFRTRLState, where: Array, *, key: Array | None = None) -> KFRTRLState:
-        """Zero the factors of the examples with ``where[b]``; the shared key is kept (``key``
-        is ignored: the running key is never rewound)."""
-        del key
-        fresh = self._zeros(jnp.shape(where)[0], state.A.dtype, state.key)
-        return select_examples(where, fresh, state, self.batch_axes())
 
     def batch_axes(self) -> KFRTRLState:
         return KFRTRLState(u=0, A=0, E=0, key=None)  # type: ignore[arg-type]

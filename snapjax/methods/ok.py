@@ -69,7 +69,7 @@ from snapjax.methods._kronecker import (
     rademacher,
     require_key,
 )
-from snapjax.methods.base import OnlineMethod, StepResult, select_examples
+from snapjax.methods.base import OnlineMethod, StepResult
 from snapjax.methods.registry import register_method
 
 Array = jax.Array
@@ -267,12 +267,6 @@ class OK(OnlineMethod):
         """Zero factors for ``batch_size`` examples; ``key`` is required (``ValueError`` if ``None``)."""
         b = check_state_dtype(self.name, batch_size, dtype)
         return self._zeros(b, dtype, require_key(self.name, key))
-
-    def reset(self, state: OKState, where: Array, *, key: Array | None = None) -> OKState:
-        """Zero the factors of the examples with ``where[b]``; the shared key is kept."""
-        del key
-        fresh = self._zeros(jnp.shape(where)[0], state.A.dtype, state.key)
-        return select_examples(where, fresh, state, self.batch_axes())
 
     def batch_axes(self) -> OKState:
         return OKState(u=0, A=0, E=0, key=None)  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ import numpy as np
 from jax import lax
 
 from snapjax.cells.recurrent import Recurrent, as_recurrent
-from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, select_examples, typed_key
+from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size, typed_key
 from snapjax.methods.generic_support import (
     CarryCheck,
     ParamMasks,
@@ -168,12 +168,6 @@ class UORO(OnlineMethod):
         s_tilde = self.cell.init_carry(b, dtype)
         theta = jax.tree.map(lambda s: jnp.zeros((b,) + tuple(s.shape), dtype), self.param_shapes)
         return UOROState(s_tilde, theta, key)
-
-    def reset(self, state: UOROState, where: Array, *, key: Array | None = None) -> UOROState:
-        """Zero ``s̃, θ̃`` of the examples in ``where``; the running key is kept (shared)."""
-        fresh = self.init(jnp.shape(where)[0], jnp.result_type(jax.tree.leaves(state.theta_tilde)[0]),
-                          key=state.key if key is None else key)
-        return select_examples(jnp.asarray(where, bool), fresh, state, self.batch_axes())
 
     def batch_axes(self) -> UOROState:
         return UOROState(s_tilde=0, theta_tilde=0, key=None)  # type: ignore[arg-type]
