@@ -267,6 +267,12 @@ def check_options(
       ValueError: unknown name, an ``n`` that does not fit, ``window`` missing for a method that
         needs one or (``strict``) given to one that takes none.
     """
+    entry, n = _checked(name, n, window, strict)
+    return entry.name, n
+
+
+def _checked(name: str, n: int | None, window: int | None, strict: bool) -> tuple[MethodEntry, int | None]:
+    """:func:`check_options`, returning the entry itself."""
     entry, n = lookup_method(name, n)
     if "window" in entry.options and window is None:
         raise ValueError(f"method {entry.name!r} needs window=W, W >= 1 (OnlineLearner: tbptt_window=W)")
@@ -274,7 +280,7 @@ def check_options(
         takers = [e.name for e in _REGISTRY.values() if "window" in e.options]
         raise ValueError(f"window= (OnlineLearner: tbptt_window=) is only for methods with a window "
                          f"({', '.join(map(repr, takers))}), not {name!r}")
-    return entry.name, n
+    return entry, n
 
 
 def online_method(
@@ -348,8 +354,7 @@ def online_method(
             ...
         ValueError: unknown method 'bptt'; known methods: 'rtrl', 'snapN', ...
     """
-    _, n = check_options(name, n, window, strict=strict_options)
-    entry, _ = lookup_method(name, n)
+    entry, n = _checked(name, n, window, strict_options)
     if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(masks)):
         raise ValueError("masks must be static (NumPy) arrays, not traced values: build the method outside jit")
     if chunk_policy not in ("require", "prefer"):
