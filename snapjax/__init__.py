@@ -16,10 +16,11 @@ The public API.  The package is layered, and imports flow one way (a test enforc
 
 from snapjax.cells.builtin import as_cell_spec, gru_spec, lstm_spec, mgu_spec, vanilla_spec
 from snapjax.cells.egru import PSEUDO_DERIVATIVES, EGRUCell, egru_spec, heaviside
+from snapjax.cells.equinox import from_equinox, to_equinox
 from snapjax.cells.leaky import LeakyRNNCell, leaky_spec
 from snapjax.cells.lru import LRUCell, lru_lambda, lru_spec
 from snapjax.cells.modules import GRUCell, LSTMCell, VanillaCell
-from snapjax.cells.nnx import from_nnx, to_nnx
+from snapjax.cells.nnx import from_nnx, nnx_layers, to_nnx
 from snapjax.cells.recurrent import Recurrent, as_recurrent
 from snapjax.cells.spec import CellSpec, Projection, cell_step
 from snapjax.cells.spiking import ALIFCell, LIFCell, alif_spec, lif_spec
@@ -62,7 +63,7 @@ __all__ = [
     # cells
     "CellSpec", "Projection", "VanillaCell", "GRUCell", "LSTMCell", "EGRUCell",
     "vanilla_spec", "gru_spec", "lstm_spec", "mgu_spec", "egru_spec", "heaviside", "PSEUDO_DERIVATIVES",
-    "LRUCell", "lru_spec", "lru_lambda", "from_nnx", "to_nnx",
+    "LRUCell", "lru_spec", "lru_lambda", "from_nnx", "to_nnx", "nnx_layers", "from_equinox", "to_equinox",
     "LIFCell", "ALIFCell", "lif_spec", "alif_spec", "LeakyRNNCell", "leaky_spec",
     "as_cell_spec", "cell_step", "verify_spec", "Recurrent", "as_recurrent",
     # online methods (one interface)

@@ -30,14 +30,25 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from snapjax.cells.builtin import as_cell_spec
+from snapjax.cells.equinox import (
+    eqx_feedforward,
+    eqx_step,
+    from_equinox,
+    is_equinox,
+    is_equinox_builtin,
+    is_equinox_cell,
+)
+from snapjax.cells.feedforward import FeedForward
+from snapjax.cells.nnx import from_nnx, is_nnx_cell, nnx_feedforward, nnx_layers
 from snapjax.cells.spec import CellSpec, cell_step
 
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["Recurrent", "as_recurrent"]
+__all__ = ["Recurrent", "as_recurrent", "as_layer", "expand_layers", "RECURRENT_RULE"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,6 +62,9 @@ class Recurrent:
       init_carry: ``init_carry(batch_size, dtype=float32) -> carry`` of zeros.
       spec: compressed form, or ``None`` for a generic cell.
       module: the object it was built from (a flax module, a spec, ...).
+      params: the values the module holds itself (a flax.nnx or equinox cell; linen layout for
+        a compressed one), its initial parameters; ``None`` for modules that hold none.
+      in_features: the input size the held ``params`` were built for, when known.
 
     Example (an LSTM, compressed and forced onto the generic path)::
 
@@ -75,6 +89,8 @@ class Recurrent:
     spec: CellSpec | None = None
     module: Any = None
     default_output: bool = False  # a generic module whose output is guessed from its carry
+    params: Any = None
+    in_features: int | None = None
 
     def check_output(self, params: PyTree, input_size: int | None) -> None:
         """``ValueError`` when a generic module cannot run on its parameters alone (it needs other
@@ -107,7 +123,9 @@ class Recurrent:
 
     def init_params(self, key: Array, input_size: int, dtype: Any = jnp.float32) -> PyTree:
         """``module.init(...)['params']`` for a flax module; :meth:`snapjax.CellSpec.init` for a
-        bare spec (default initialisers)."""
+        bare spec (default initialisers); the module's own values for an nnx or equinox cell."""
+        if self.params is not None:
+            return self.params
         if isinstance(self.module, CellSpec):
             return self.module.init(key, input_size, dtype)
         if not isinstance(self.module, nn.Module):
@@ -124,8 +142,9 @@ class Recurrent:
         return variables["params"]
 
     def input_size(self, params: PyTree) -> int | None:
-        """The input size read from ``params`` (compressed cells), else ``None``."""
-        return None if self.spec is None else self.spec.input_size(params)
+        """The input size read from ``params`` (compressed cells), else the size the module's
+        own parameters were built for, else ``None``."""
+        return self.in_features if self.spec is None else self.spec.input_size(params)
 
 
 def _needs_more(name: str, err: Exception) -> str:
@@ -134,7 +153,7 @@ def _needs_more(name: str, err: Exception) -> str:
             f"statistics or counters are not supported in a recurrent cell): {type(err).__name__}")
 
 
-def _from_spec(spec: CellSpec, module: Any) -> Recurrent:
+def _from_spec(spec: CellSpec, module: Any, params: Any = None) -> Recurrent:
     def apply(params, carry, x):
         return spec.from_internal(cell_step(spec, params, spec.to_internal(carry), x))
 
@@ -144,7 +163,7 @@ def _from_spec(spec: CellSpec, module: Any) -> Recurrent:
     def init_carry(batch_size, dtype=jnp.float32):
         return spec.from_internal(spec.zero_state(int(batch_size), dtype))
 
-    return Recurrent(spec.name, apply, output, init_carry, spec, module)
+    return Recurrent(spec.name, apply, output, init_carry, spec, module, params=params)
 
 
 def _default_output(carry):
@@ -152,8 +171,11 @@ def _default_output(carry):
     return carry[-1] if isinstance(carry, (tuple, list)) else carry
 
 
-def _from_module(module: nn.Module, output: Callable | None) -> Recurrent:
+def _from_module(module: nn.Module, output: Callable | None, zeros: Callable | None) -> Recurrent:
     out_fn = output or _default_output
+    if zeros is None and not callable(getattr(module, "initialize_carry", None)):
+        raise ValueError(f"{type(module).__name__} has no initialize_carry(rng, input_shape): give its zero carry, "
+                         "snapjax.as_recurrent(module, init_carry=fn) with fn(batch_size, dtype) -> carry")
 
     def apply(params, carry, x):
         try:
@@ -162,29 +184,42 @@ def _from_module(module: nn.Module, output: Callable | None) -> Recurrent:
             raise ValueError(_needs_more(type(module).__name__, err)) from None
 
     def init_carry(batch_size, dtype=jnp.float32):
-        features = getattr(module, "features", None)
-        if features is None:
-            raise ValueError(f"{type(module).__name__}: generic cells need a `features` attribute for the zero carry")
         carry = module.initialize_carry(jax.random.key(0), (int(batch_size), 1))
         return jax.tree.map(lambda a: jnp.zeros(a.shape, dtype), carry)
 
-    return Recurrent(type(module).__name__, apply, out_fn, init_carry, None, module, default_output=output is None)
+    return Recurrent(type(module).__name__, apply, out_fn, zeros or init_carry, None, module,
+                     default_output=output is None)
 
 
-def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = False) -> Recurrent:
-    """The :class:`Recurrent` view of ``cell``.
+#: What makes a layer recurrent (the one rule; ``OnlineModel`` quotes it in its errors).
+RECURRENT_RULE = (
+    "a layer is recurrent if it is a snapjax cell, a CellSpec or a snapjax.Recurrent (what "
+    "snapjax.as_recurrent returns: the explicit marker for any other module), a flax.linen module defining "
+    "initialize_carry (nn.RNNCellBase subclasses included), a flax.nnx GRUCell/LSTMCell/OptimizedLSTMCell/"
+    "SimpleCell, or an eqx.Module with an int hidden_size (eqx.nn.GRUCell/LSTMCell included); every other "
+    "module is feed-forward")
+
+
+def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = False,
+                 init_carry: Callable | None = None) -> Recurrent:
+    """The :class:`Recurrent` view of ``cell``: the explicit way to make any module a recurrent layer.
 
     Args:
       cell: a :class:`Recurrent` (returned as is), a :class:`snapjax.CellSpec`, a snapjax cell
         (anything with a ``.spec``), a supported ``flax.linen`` cell (``GRUCell``, ``LSTMCell``,
-        ``SimpleCell``; see :func:`snapjax.as_cell_spec`), or any ``flax.linen`` module called
-        as ``module(carry, x) -> (carry, y)`` with ``initialize_carry`` (the generic path).
+        ``SimpleCell``; see :func:`snapjax.as_cell_spec`), a flax.nnx cell (:func:`snapjax.from_nnx`;
+        its values are the initial parameters), an ``eqx.nn.GRUCell``/``LSTMCell`` or any
+        ``eqx.Module`` step ``(x, carry) -> carry`` (:mod:`snapjax.cells.equinox`), or any
+        ``flax.linen`` module called as ``module(carry, x) -> (carry, y)`` (the generic path).
       output: for generic modules, ``output(carry) -> y``; default: the carry itself, or its
-        last element for a tuple carry (flax's ``(c, h)``).
+        last element for a linen tuple carry (flax's ``(c, h)``), its first for an equinox one
+        (``(h, c)``).
       generic: use the generic dense path even when a compressed form exists (for comparisons).
+      init_carry: ``init_carry(batch_size, dtype) -> carry`` of zeros, for a generic module
+        without ``initialize_carry`` (linen) or ``hidden_size`` (equinox).
 
     Raises:
-      ValueError: ``cell`` is neither a supported cell nor a flax module.
+      ValueError: ``cell`` is none of these, or a generic module whose zero carry is unknown.
 
     Example (a flax module without a compressed form takes the generic path)::
 
@@ -196,14 +231,16 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
         ...     def __call__(self, carry, x):
         ...         h = nn.LayerNorm()(nn.GRUCell(self.features)(carry, x)[0])
         ...         return h, h
-        ...     def initialize_carry(self, rng, input_shape):
-        ...         return jnp.zeros(input_shape[:-1] + (self.features,))
-        >>> rec = as_recurrent(NormGRU(4))
+        >>> rec = as_recurrent(NormGRU(4), init_carry=lambda b, dtype: jnp.zeros((b, 4), dtype))
         >>> rec.name, rec.spec is None
         ('NormGRU', True)
         >>> params = rec.init_params(jax.random.key(0), 3)
         >>> rec.output(rec.apply(params, rec.init_carry(2), jnp.ones((2, 3)))).shape
         (2, 4)
+        >>> as_recurrent(NormGRU(4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: NormGRU has no initialize_carry(rng, input_shape): give its zero carry, ...
         >>> as_recurrent("gru")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
@@ -211,18 +248,59 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
     """
     if isinstance(cell, Recurrent):
         return cell
-    if type(cell).__name__ == "NNXLayer":  # snapjax.training.model.NNXLayer: an nnx cell's spec
-        cell = cell.spec
+    if is_nnx_cell(cell):
+        spec, params = from_nnx(cell)
+        return _from_spec(spec, cell, params)
+    if is_equinox(cell):
+        if is_equinox_builtin(cell) and not generic:
+            spec, params = from_equinox(cell)
+            return _from_spec(spec, cell, params)
+        apply, out_fn, zeros, params = eqx_step(cell, _zeros(init_carry))
+        n_in = getattr(cell, "input_size", None)
+        return Recurrent(type(cell).__name__, apply, output or out_fn, zeros, None, cell, params=params,
+                         in_features=n_in if isinstance(n_in, int) else None)
     if not generic:
         try:
-            spec = as_cell_spec(cell)
+            compressed: CellSpec | None = as_cell_spec(cell)
         except ValueError:
-            spec = None
-        if spec is not None:
-            return _from_spec(spec, cell)
+            compressed = None
+        if compressed is not None:
+            return _from_spec(compressed, cell)
     if isinstance(cell, nn.Module):
-        return _from_module(cell, output)
+        return _from_module(cell, output, _zeros(init_carry))
     raise ValueError(
         f"unsupported cell {type(cell).__name__}: expected a snapjax cell, a flax.linen recurrent cell, "
-        "a CellSpec or a flax.linen module (carry, x) -> (carry, y)"
+        "a CellSpec, a flax.nnx or equinox cell, or a flax.linen module (carry, x) -> (carry, y)"
     )
+
+
+def _zeros(fn: Callable | None) -> Callable | None:
+    """A user's ``init_carry(batch_size, dtype)`` with the dtype defaulting to float32."""
+    return None if fn is None else (lambda batch_size, dtype=jnp.float32: fn(int(batch_size), dtype))
+
+
+def expand_layers(layers: Any) -> list:
+    """``layers`` as a list, each ``nnx.Module`` that declares ``online_layers`` replaced by its
+    declared layers (:func:`snapjax.nnx_layers`)."""
+    out: list = []
+    for m in layers:
+        if isinstance(m, nnx.Module) and hasattr(m, "online_layers"):
+            out.extend(nnx_layers(m))
+        else:
+            out.append(m)
+    return out
+
+
+def as_layer(module: Any) -> Any:
+    """How :class:`snapjax.OnlineModel` holds a layer: flax.nnx and equinox cells as their
+    :class:`Recurrent` (with their own values), their feed-forward modules as a
+    :class:`~snapjax.cells.feedforward.FeedForward`, anything else as it is."""
+    if is_nnx_cell(module) or is_equinox_cell(module):
+        return as_recurrent(module)
+    if is_equinox(module):
+        return eqx_feedforward(module)
+    if isinstance(module, (FeedForward, nn.Module, CellSpec, Recurrent)):
+        return module
+    if isinstance(module, nnx.Module):
+        return nnx_feedforward(module)
+    return module

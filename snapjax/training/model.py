@@ -1,10 +1,31 @@
 """A whole model for online learning: feed-forward modules and recurrent cells in sequence.
 
 ``OnlineModel(layers)`` applies, at every time step ``t``, ``layers[0]``, ``layers[1]``, ... in
-order: a *recurrent* layer (a flax recurrent cell, a snapjax cell, a :class:`snapjax.Recurrent`)
-advances its carry and emits its output; any other ``flax.linen`` module is *feed-forward*
-(``module(h) -> h'``: an encoder, an MLP between recurrent layers, a head).  Parameters are
-``{"layers_0": ..., "layers_1": ...}`` (the names of ``flax.linen.Sequential``).
+order: a *recurrent* layer advances its carry and emits its output; any other module is
+*feed-forward* (``module(h) -> h'``: an encoder, an MLP between recurrent layers, a head).
+Parameters are ``{"layers_0": ..., "layers_1": ...}`` (the names of ``flax.linen.Sequential``).
+
+What counts as recurrent (one rule, :data:`snapjax.cells.recurrent.RECURRENT_RULE`): a snapjax
+cell, a :class:`snapjax.CellSpec`, a :class:`snapjax.Recurrent` (what
+:func:`snapjax.as_recurrent` returns: the explicit marker for any other module), a
+``flax.linen`` module defining ``initialize_carry`` and called as ``(carry, x) -> (carry, y)``
+(``nn.RNNCellBase`` subclasses included), a flax.nnx ``GRUCell``/``LSTMCell``/
+``OptimizedLSTMCell``/``SimpleCell``, or an ``eqx.Module`` with an ``int`` ``hidden_size``
+(``eqx.nn.GRUCell``/``LSTMCell`` included).
+
+Layers may be ``flax.linen``, ``flax.nnx`` or equinox modules:
+
+* flax.nnx and equinox modules hold their own values, which are the initial parameters:
+  cells are converted with :func:`snapjax.from_nnx` / :func:`snapjax.from_equinox`;
+  feed-forward modules (``nnx.Linear``, ``nnx.Sequential``, an MLP ``nnx.Module``,
+  ``eqx.nn.Linear``, ``eqx.nn.MLP``) are split into a static part and a plain dict of their
+  parameter arrays (:mod:`snapjax.cells.feedforward`), merged back at every call; an nnx module
+  holding rngs (Dropout) or batch statistics (BatchNorm) is refused;
+* a whole ``nnx.Module`` model declaring ``online_layers = ("encoder", "rnn", "head")`` is
+  replaced by those submodules (:func:`snapjax.nnx_layers`: its own ``__call__`` is not used,
+  snapjax cannot trace an arbitrary ``__call__`` into stages);
+* trained values go back with :func:`snapjax.to_nnx` (in place, the whole model in one call)
+  or :func:`snapjax.to_equinox` (new modules).
 
 How gradients reach each parameter (the *stack approximation*, Zucchet et al. 2023):
 
@@ -17,9 +38,6 @@ How gradients reach each parameter (the *stack approximation*, Zucchet et al. 20
 * feed-forward parameters are trained by backpropagation within the step (``encoder="step"``),
   or (``encoder="exact"``) the modules below the first recurrent layer join that stage, whose
   method then carries their influence too (a generic stage: dense per-example Jacobians);
-* flax.nnx cells (``GRUCell``, ``LSTMCell``, ``OptimizedLSTMCell``, ``SimpleCell``) are
-  converted with :func:`snapjax.from_nnx`; their current values are the initial parameters
-  (write trained ones back with :func:`snapjax.to_nnx`);
 * ``stack="combined"`` makes one stage of everything from the first to the last recurrent
   layer (and the encoder with ``encoder="exact"``): exact RTRL on the combined state equals BPTT.
 
@@ -31,22 +49,37 @@ Example::
     [('layers_0',), ('layers_1',), ('layers_2',), ('layers_3',)]
     >>> [s.names for s in model.stages(stack="combined", encoder="exact")]
     [('layers_0', 'layers_1', 'layers_2'), ('layers_3',)]
+
+An nnx model, trained values written back (``state.params`` of a learner works the same)::
+
+    >>> import jax, jax.numpy as jnp, snapjax as sj
+    >>> from flax import nnx
+    >>> rngs = nnx.Rngs(0)
+    >>> layers = [nnx.GRUCell(3, 8, rngs=rngs), nnx.Sequential(nnx.Linear(8, 8, rngs=rngs), nnx.relu,
+    ...                                                      nnx.Linear(8, 2, rngs=rngs))]
+    >>> params = OnlineModel(layers).init(jax.random.key(0), input_size=3)
+    >>> jax.tree.map(jnp.shape, params["layers_1"])
+    {'layers': {'0': {'bias': (8,), 'kernel': (8, 8)}, '2': {'bias': (2,), 'kernel': (8, 2)}}}
+    >>> sj.to_nnx(layers, jax.tree.map(jnp.zeros_like, params))
+    >>> float(jnp.abs(layers[1].layers[2].kernel[...]).sum())
+    0.0
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from snapjax.cells.builtin import as_cell_spec
-from snapjax.cells.nnx import from_nnx
-from snapjax.cells.recurrent import Recurrent, as_recurrent
+from snapjax.cells.equinox import is_equinox_cell
+from snapjax.cells.feedforward import FeedForward
+from snapjax.cells.nnx import is_nnx_cell
+from snapjax.cells.recurrent import RECURRENT_RULE, Recurrent, as_layer, as_recurrent, expand_layers
+from snapjax.training.layer_masks import param_masks, stage_masks
 
 Array = jax.Array
 PyTree = Any
@@ -56,34 +89,19 @@ __all__ = ["OnlineModel", "Stage", "chain_recurrent", "is_recurrent",
 
 
 def is_recurrent(module: Any) -> bool:
-    """Whether ``module`` is a recurrent layer (a cell) rather than a feed-forward module."""
-    if isinstance(module, (Recurrent, NNXLayer)) or hasattr(module, "spec"):
+    """Whether ``module`` is a recurrent layer rather than a feed-forward one (the rule:
+    :data:`snapjax.cells.recurrent.RECURRENT_RULE`)."""
+    if isinstance(module, FeedForward):
+        return False
+    if isinstance(module, Recurrent) or hasattr(module, "spec") or is_nnx_cell(module) or is_equinox_cell(module):
         return True
-    if isinstance(module, nn.RNNCellBase):
-        return True
+    if isinstance(module, nn.Module) and callable(getattr(module, "initialize_carry", None)):
+        return True  # nn.RNNCellBase and any module (carry, x) -> (carry, y) defining initialize_carry
     try:
         as_cell_spec(module)
         return True
     except ValueError:
         return False
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class NNXLayer:
-    """A flax.nnx recurrent cell in a model: its compressed ``spec`` and its parameter values
-    at construction in the linen layout (the initial parameters; write trained ones back with
-    :func:`snapjax.to_nnx`)."""
-
-    spec: Any
-    params: Any
-    cell: Any
-
-
-def _from_nnx_layer(m: Any) -> Any:
-    if isinstance(m, nnx.Module):
-        spec, params = from_nnx(m)
-        return NNXLayer(spec, params, m)
-    return m
 
 
 def _check_given(name: str, given: PyTree, expected: PyTree) -> None:
@@ -95,7 +113,10 @@ def _check_given(name: str, given: PyTree, expected: PyTree) -> None:
             raise ValueError(f"params[{name!r}] has a leaf of shape {jnp.shape(a)}, the layer expects {jnp.shape(b)}")
 
 
-def _ff_apply(module: nn.Module) -> Callable[[PyTree, Array], Array]:
+def _ff_apply(module: Any) -> Callable[[PyTree, Array], Array]:
+    if isinstance(module, FeedForward):
+        return module.apply
+
     def apply(params, h):
         return module.apply({"params": params}, h) if params is not None else module.apply({}, h)
 
@@ -132,6 +153,32 @@ def chain_recurrent(items: Sequence[tuple[str, Any, bool]]) -> Recurrent:
         return tuple(recs[n].init_carry(batch_size, dtype) for n in rec_names)
 
     return Recurrent("+".join(n for n, _ in order), apply, output, init_carry, None, tuple(m for _, m, _ in items))
+
+
+def _as_layer(i: int, m: Any) -> Any:
+    try:
+        return as_layer(m)
+    except ValueError as err:
+        raise ValueError(f"layers_{i}: {err}") from None
+
+
+def _kind(m: Any) -> str:
+    """A layer's class for messages (an nnx/equinox module's own class)."""
+    inner = getattr(m, "module", None) if isinstance(m, (FeedForward, Recurrent)) else None
+    return type(m if inner is None else inner).__name__
+
+
+def _ff_size(name: str, ff: FeedForward, p: PyTree, size: int, dtype: Any) -> int:
+    """The output size of an nnx/equinox feed-forward layer on inputs of ``size`` features."""
+    src = "the model's inputs have" if name == "layers_0" else f"layers_{int(name[7:]) - 1} emits"
+    if ff.in_features is not None and ff.in_features != size:
+        raise ValueError(f"{name} ({ff.name}) takes in_features={ff.in_features}, but {src} {size} features: "
+                         f"build it with in_features={size}")
+    try:
+        return int(jax.eval_shape(ff.apply, p, jax.ShapeDtypeStruct((1, size), dtype)).shape[-1])
+    except Exception as err:  # noqa: BLE001 - any failure of the user's module, named
+        raise ValueError(f"{name} ({ff.name}) fails on inputs of {size} features ({src} {size}): "
+                         f"{type(err).__name__}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -171,7 +218,9 @@ class OnlineModel:
     """A sequence of feed-forward and recurrent layers (see the module docstring).
 
     Args:
-      layers: modules applied in order at every step; at least one is recurrent.
+      layers: modules applied in order at every step (flax.linen, flax.nnx, equinox, snapjax
+        cells); at least one is recurrent (module docstring).  An ``nnx.Module`` declaring
+        ``online_layers`` stands for its declared layers.
 
     Example (encoder, GRU, head)::
 
@@ -183,10 +232,10 @@ class OnlineModel:
         >>> params = model.init(jax.random.key(0), input_size=3)
         >>> params["layers_0"]["kernel"].shape, params["layers_1"]["hn"]["kernel"].shape, params["layers_2"]["kernel"].shape
         ((3, 8), (16, 16), (16, 2))
-        >>> OnlineModel([nn.Dense(8)])
+        >>> OnlineModel([nn.Dense(8)])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        ValueError: OnlineModel needs at least one recurrent layer (a recurrent cell)
+        ValueError: OnlineModel needs at least one recurrent layer; a layer is recurrent if ... The layers are [layers_0: Dense], all feed-forward
     """
 
     layers: tuple
@@ -194,15 +243,18 @@ class OnlineModel:
         _flags: tuple[bool, ...]
 
     def __init__(self, layers: Sequence[Any]):
-        layers = tuple(_from_nnx_layer(m) for m in layers)
+        layers = tuple(_as_layer(i, m) for i, m in enumerate(expand_layers(layers)))
         if not layers:
             raise ValueError("OnlineModel needs at least one layer")
         flags = tuple(is_recurrent(m) for m in layers)
         if not any(flags):
-            raise ValueError("OnlineModel needs at least one recurrent layer (a recurrent cell)")
+            seen = ", ".join(f"layers_{i}: {_kind(m)}" for i, m in enumerate(layers))
+            raise ValueError(f"OnlineModel needs at least one recurrent layer; {RECURRENT_RULE}. The layers are "
+                             f"[{seen}], all feed-forward")
         for m, r in zip(layers, flags):
-            if not r and not isinstance(m, nn.Module):
-                raise ValueError(f"layer {m!r} is neither a recurrent cell nor a flax.linen module")
+            if not r and not isinstance(m, (nn.Module, FeedForward)):
+                raise ValueError(f"layer {m!r} is neither a recurrent cell nor a flax.linen, flax.nnx or equinox "
+                                 "module")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "_flags", flags)
 
@@ -255,15 +307,20 @@ class OnlineModel:
                 rec = as_recurrent(m)
                 if name in given:
                     p = given[name]
-                    if isinstance(m, nn.Module):
+                    if isinstance(m, nn.Module) or rec.params is not None:
                         _check_given(name, p, jax.eval_shape(lambda kk: rec.init_params(kk, size, dtype), k))
                 else:
-                    p = m.params if isinstance(m, NNXLayer) else rec.init_params(k, size, dtype)
+                    p = rec.init_params(k, size, dtype)
                 built_for = rec.input_size(p)
                 if built_for is not None and built_for != size:
                     raise ValueError(f"{name} ({rec.name}) takes {built_for} input features (its parameters' input "
                                      f"kernels), but its inputs have {size}")
                 size = int(jnp.shape(rec.output(rec.apply(p, rec.init_carry(1, dtype), h)))[-1])
+            elif isinstance(m, FeedForward):
+                p = given.get(name, m.params)
+                if name in given:
+                    _check_given(name, p, m.params)
+                size = _ff_size(name, m, p, size, dtype)
             elif name in given:
                 p = given[name]
                 _check_given(name, p, jax.eval_shape(lambda kk: m.init(kk, h).get("params"), k))
@@ -280,7 +337,7 @@ class OnlineModel:
 
 
 # ---------------------------------------------------------------------------
-# Static facts about the stages: input sizes, weight masks.
+# Static facts about the stages: input sizes (weight masks: snapjax.training.layer_masks).
 
 
 def input_sizes(stages: list[Stage], params, input_size) -> dict:
@@ -299,52 +356,3 @@ def input_sizes(stages: list[Stage], params, input_size) -> dict:
             c = jax.eval_shape(stage.apply, p, h)
         size = int(c.shape[-1])
     return sizes
-
-
-def stage_masks(stages: list[Stage], masks, stage: Stage):
-    """The weight masks of one recurrent stage: ``masks`` is ``{projection: (n_in, units)}`` for a
-    model with one recurrent layer, or ``{"layers_i": {projection: mask}}``."""
-    if masks is None:
-        return None
-    named = isinstance(masks, Mapping) and any(k.startswith("layers_") for k in masks)
-    if not named:
-        recs = [s for s in stages if s.recurrent]
-        if len(recs) != 1 or len(stage.names) != 1:
-            raise ValueError("with several recurrent layers pass masks as {'layers_i': {projection: mask}}")
-        return masks
-    if len(stage.names) == 1:
-        return masks.get(stage.names[0])
-    return {n: masks.get(n) for n in stage.names}
-
-
-def param_masks(stages: list[Stage], masks, params: PyTree) -> PyTree:
-    """Params-shaped tree of static masks for ``masked_updates`` (``None`` = unmasked)."""
-    out = jax.tree.map(lambda _: None, params)
-    for stage in stages:
-        if not stage.recurrent:
-            continue
-        m = stage_masks(stages, masks, stage)
-        if m is None:
-            continue
-        per_layer = {stage.names[0]: m} if len(stage.names) == 1 else m
-        for lname, lm in per_layer.items():
-            for proj, mk in (lm or {}).items():
-                if mk is None:
-                    continue
-                if lname not in params or proj not in params[lname]:
-                    raise ValueError(
-                        f"mask for unknown projection {proj!r} of {lname}; its parameters are "
-                        f"{sorted(params.get(lname, {}))}"
-                    )
-                if not isinstance(params[lname][proj], Mapping) or "kernel" not in params[lname][proj]:
-                    kernels = sorted(k for k, v in params[lname].items() if isinstance(v, Mapping) and "kernel" in v)
-                    raise ValueError(f"mask for {proj!r} of {lname}: masks apply to projection kernels ({kernels}); "
-                                     f"{proj!r} is a per-unit parameter")
-                kshape = tuple(np.shape(params[lname][proj]["kernel"]))
-                mk = np.asarray(mk)
-                if mk.shape != kshape:
-                    raise ValueError(f"mask {lname}/{proj} has shape {mk.shape}, kernel has shape {kshape}")
-                if not (mk.dtype == bool or np.isin(mk, (0, 1)).all()):
-                    raise ValueError(f"mask {lname}/{proj} must hold only 0/1 values")
-                out[lname][proj]["kernel"] = mk.astype(bool)
-    return out
