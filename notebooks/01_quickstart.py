@@ -31,22 +31,22 @@ import os
 import time
 
 FAST = os.environ.get("SNAPJAX_FAST", "0") == "1"
-try:
-    import snapjax as sj
-except ImportError:  # fallback for a source checkout without `pip install -e .`
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path.cwd().resolve().parent))
-    import snapjax as sj
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
+import snapjax as sj
+
 print("snapjax", sj.__version__, "| jax", jax.__version__, "| fast mode:", FAST)
+
+
+def check(claim: str, holds) -> None:
+    """Print a claim this notebook makes and whether it holds; stop the notebook if it does not."""
+    print(("✓ " if holds else "✗ ") + claim)
+    if not holds:
+        raise RuntimeError(f"the notebook's claim does not hold: {claim}")
 
 # %% [markdown]
 # ## 1. Train online (the 20 lines)
@@ -128,10 +128,13 @@ print(f"held-out loss {float(ev['loss']):.3f} nats")
 
 # %%
 # The online learner really learned: the loss at the end is well below chance and below the start.
-assert np.all(np.isfinite(losses))
-assert np.mean(losses[-3:]) < 0.5 * np.log(2), losses[-3:]
-assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, (losses[:3], losses[-3:])
-assert float(ev["loss"]) < 0.5 * np.log(2), float(ev["loss"])  # and it generalises to a fresh stream
+check("every loss is finite", np.all(np.isfinite(losses)))
+check(f"final loss {np.mean(losses[-3:]):.3f} < half of chance ({0.5 * np.log(2):.3f} nats)",
+      np.mean(losses[-3:]) < 0.5 * np.log(2))
+check(f"final loss {np.mean(losses[-3:]):.3f} is at least 0.2 below the first ({np.mean(losses[:3]):.3f})",
+      np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2)
+check(f"held-out loss {float(ev['loss']):.3f} < half of chance: it generalises to a fresh stream",
+      float(ev["loss"]) < 0.5 * np.log(2))
 
 # %% [markdown]
 # ## 2. The method interface, and how close the online gradient is to BPTT
@@ -174,7 +177,7 @@ for x_t, y_t in zip(x_seq, y_seq):
 g_scan = sj.online_gradient(method, params, carry, x_seq, y_seq, loss_fn).grads
 hand_err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_hand), jax.tree.leaves(g_scan)))
 print(f"by hand vs online_gradient: max abs difference {hand_err:.1e}")
-assert hand_err < 1e-5
+check(f"the hand-written loop equals online_gradient ({hand_err:.1e} < 1e-5)", hand_err < 1e-5)
 
 # %% [markdown]
 # With the parameters held fixed over a sequence, the summed online gradient
@@ -209,10 +212,15 @@ for name in ["rtrl", "snap1", "snap2", "uoro", "tbptt"]:
 # Exact RTRL == BPTT to float32 precision, and so is TBPTT over the whole sequence; SnAp-1 is an
 # approximation, positively aligned; with dense weights SnAp-2 already reaches every unit, i.e.
 # it is exact RTRL too.
-assert results["rtrl"]["loss_diff"] < 1e-4
-assert results["rtrl"]["max_abs_err"] < 1e-4 and results["rtrl"]["rel_err"] < 1e-5, results["rtrl"]
-assert results["tbptt20"]["rel_err"] < 1e-5, results["tbptt20"]
-assert results["snap2"]["rel_err"] < 1e-5, results["snap2"]
-assert 0.5 < results["snap1"]["cosine"] < 0.99999, results["snap1"]
-assert np.isfinite(results["uoro"]["cosine"]), results["uoro"]
-assert results["snap1"]["stored"] == sum(a.size for a in jax.tree.leaves(params))  # one float per parameter
+r = results
+check(f"RTRL's loss equals BPTT's (difference {r['rtrl']['loss_diff']:.1e})", r["rtrl"]["loss_diff"] < 1e-4)
+check(f"RTRL's gradient equals BPTT's (relative error {r['rtrl']['rel_err']:.1e})",
+      r["rtrl"]["max_abs_err"] < 1e-4 and r["rtrl"]["rel_err"] < 1e-5)
+check(f"TBPTT over the whole sequence equals BPTT (relative error {r['tbptt20']['rel_err']:.1e})",
+      r["tbptt20"]["rel_err"] < 1e-5)
+check(f"SnAp-2 on dense weights is exact RTRL (relative error {r['snap2']['rel_err']:.1e})", r["snap2"]["rel_err"] < 1e-5)
+check(f"SnAp-1 is an approximation, positively aligned (cosine {r['snap1']['cosine']:.3f})",
+      0.5 < r["snap1"]["cosine"] < 0.99999)
+check("UORO's estimate is finite", np.isfinite(r["uoro"]["cosine"]))
+check(f"SnAp-1 stores one float per parameter ({r['snap1']['stored']})",
+      r["snap1"]["stored"] == sum(a.size for a in jax.tree.leaves(params)))

@@ -31,20 +31,22 @@ import os
 import time
 
 FAST = os.environ.get("SNAPJAX_FAST", "0") == "1"
-try:
-    import snapjax as sj
-except ImportError:  # fallback for a source checkout without `pip install -e .`
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path.cwd().resolve().parent))
-    import snapjax as sj
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
+
+import snapjax as sj
+
+
+
+def check(claim: str, holds) -> None:
+    """Print a claim this notebook makes and whether it holds; stop the notebook if it does not."""
+    print(("✓ " if holds else "✗ ") + claim)
+    if not holds:
+        raise RuntimeError(f"the notebook's claim does not hold: {claim}")
+
 
 T0 = time.perf_counter()
 UNITS = 24 if FAST else 48
@@ -137,12 +139,12 @@ for n in (1, 2, 3):
     img = np.asarray(jnp.any(dense != 0, axis=(0, 3)))
     print(f"SnAp-{n}: stored {m.num_stored():6d}, pattern {m.pattern_count():6d}, "
           f"nonzeros {nonzeros(m, st):6d}, mean reach {reach.sum(1).mean():.1f} units")
-    assert (img == reach).all(), f"SnAp-{n} pattern != {n}-step reachability"
-    assert nonzeros(m, st) == m.pattern_count()
-    assert m.pattern_count() <= m.num_stored()
+    check(f"SnAp-{n}'s pattern is the {n}-step reachability", (img == reach).all())
+    check(f"SnAp-{n}'s nonzeros fill its pattern exactly", nonzeros(m, st) == m.pattern_count())
+    check(f"SnAp-{n} stores at least its pattern", m.pattern_count() <= m.num_stored())
 # RTRL stores every unit for every kept parameter; only units reachable from i can be nonzero.
 print("RTRL stored", methods["rtrl"].num_stored(), "nonzeros", nonzeros(methods["rtrl"], states["rtrl"]))
-assert nonzeros(methods["rtrl"], states["rtrl"]) <= methods["rtrl"].pattern_count()
+check("RTRL's nonzeros lie inside its pattern", nonzeros(methods["rtrl"], states["rtrl"]) <= methods["rtrl"].pattern_count())
 
 # %% [markdown]
 # ## Sizes from a formula: ring (circulant) connectivity
@@ -172,7 +174,8 @@ for c in (2, 3):
         m = sj.online_method(f"snap{n}", cell, p_ring, masks=ring)
         K = min(UNITS, (n - 1) * (c - 1) + 1)
         rows.append((c, n, m.num_stored(), m.pattern_count(), p_stored * K))
-        assert m.num_stored() == m.pattern_count() == p_stored * K, rows[-1]
+        check(f"ring c={c}, SnAp-{n} stores p_s·K = {p_stored * K} floats",
+              m.num_stored() == m.pattern_count() == p_stored * K)
 print(" c  n   stored  pattern  p_s*K")
 for r in rows:
     print("{:2d} {:2d} {:8d} {:8d} {:6d}".format(*r))
@@ -214,10 +217,10 @@ plt.show()
 
 # %%
 s1, s2, s3, rt = (np.array(sizes[k]) for k in ["SnAp-1", "SnAp-2", "SnAp-3", "RTRL"])
-assert (s1 <= s2).all() and (s2 <= s3).all() and (s3 <= rt).all()
-assert (np.diff(s1) > 0).all() and s1[-1] == dense_p  # SnAp-1 = one float per (kept) parameter
-assert s2[-1] == s3[-1] == rt[-1] == dense_p * UNITS  # dense weights: SnAp-2 is already RTRL
+check("SnAp-1 ≤ SnAp-2 ≤ SnAp-3 ≤ RTRL at every density", (s1 <= s2).all() and (s2 <= s3).all() and (s3 <= rt).all())
+check("SnAp-1 stores one float per kept parameter", (np.diff(s1) > 0).all() and s1[-1] == dense_p)
+check("with dense weights SnAp-2 is already RTRL", s2[-1] == s3[-1] == rt[-1] == dense_p * UNITS)
 for i, d in enumerate(densities):
     print(f"d={d:<5} SnAp-1 {s1[i]:7d}  SnAp-2 {s2[i]:7d}  SnAp-3 {s3[i]:7d}  RTRL {rt[i]:7d}")
-assert s2[0] < rt[0] / 2  # at low density SnAp-2 is much smaller than RTRL
+check(f"at density {densities[0]} SnAp-2 stores less than half of RTRL ({s2[0]} vs {rt[0]})", s2[0] < rt[0] / 2)
 print(f"total {time.perf_counter() - T0:.1f} s")

@@ -31,22 +31,22 @@ import os
 import time
 
 FAST = os.environ.get("SNAPJAX_FAST", "0") == "1"
-try:
-    import snapjax as sj
-except ImportError:  # fallback for a source checkout without `pip install -e .`
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path.cwd().resolve().parent))
-    import snapjax as sj
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
+import snapjax as sj
 from snapjax.methods.activity_cost import step_cost
+
+
+def check(claim: str, holds) -> None:
+    """Print a claim this notebook makes and whether it holds; stop the notebook if it does not."""
+    print(("✓ " if holds else "✗ ") + claim)
+    if not holds:
+        raise RuntimeError(f"the notebook's claim does not hold: {claim}")
+
 
 T0 = time.perf_counter()
 UNITS, N_IN, B = 32, 8, 4
@@ -91,10 +91,10 @@ ax2.set_xlabel("time step")
 plt.tight_layout()
 plt.show()
 
-assert 0.0 < alpha < 1.0
-# h is exactly c where an event happened (c above threshold) and exactly 0 elsewhere.
+check(f"the activity α = {alpha:.3f} lies strictly between 0 and 1", 0.0 < alpha < 1.0)
 theta = np.asarray(params["threshold"])
-assert np.array_equal(events, c > theta) and np.array_equal(h[events], c[events])
+check("h is exactly c where an event happened (c above threshold) and exactly 0 elsewhere",
+      np.array_equal(events, c > theta) and np.array_equal(h[events], c[events]))
 
 # %% [markdown]
 # ## Activity-sparse exact RTRL
@@ -128,9 +128,10 @@ gs, gd, gb = flat(g_sparse), flat(g_dense), flat(g_bptt)
 rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
 print(f"sparse vs dense RTRL: rel. err {rel(gs, gd):.2e} | dense RTRL vs BPTT: {rel(gd, gb):.2e} "
       f"| sparse vs BPTT: {rel(gs, gb):.2e}")
-assert np.linalg.norm(gb) > 0
-assert rel(gs, gd) < 1e-5 and np.allclose(gs, gd, rtol=1e-5, atol=1e-6)
-assert rel(gs, gb) < 1e-4
+check("the BPTT gradient is not zero", np.linalg.norm(gb) > 0)
+check(f"activity-sparse RTRL equals dense RTRL (relative error {rel(gs, gd):.1e})",
+      rel(gs, gd) < 1e-5 and np.allclose(gs, gd, rtol=1e-5, atol=1e-6))
+check(f"activity-sparse RTRL equals BPTT (relative error {rel(gs, gb):.1e})", rel(gs, gb) < 1e-4)
 
 # %% [markdown]
 # ## Measured activity and the RTRL cost saved
@@ -160,14 +161,12 @@ events_tr = np.asarray(h_tr) != 0
 alpha_infl = np.asarray(stats["alpha"])  # per step, fraction of units active at t-1
 capacity = np.asarray(stats["capacity"])
 
-# The method's forward pass is the same as the plain one: same events raster.
-assert np.array_equal(events_tr, events)
-# Every event is an active unit of the influence (events ⊆ active), and the reported α is the
-# mean of the previous step's active set.
-assert np.all(active | ~events)
-assert np.allclose(alpha_infl[1:], active[:-1].mean(axis=(1, 2)), atol=1e-6) and alpha_infl[0] == 0
+check("the method's forward pass is the plain one: the same events raster", np.array_equal(events_tr, events))
+check("every event is an active unit of the influence (events ⊆ active)", np.all(active | ~events))
+check("the reported α is the mean of the previous step's active set",
+      np.allclose(alpha_infl[1:], active[:-1].mean(axis=(1, 2)), atol=1e-6) and alpha_infl[0] == 0)
 n_active_prev = np.r_[0, active[:-1].sum(-1).max(-1)]  # most active units in the batch, step t-1
-assert np.all(capacity >= n_active_prev)  # the computed capacity always covers the active set
+check("the computed capacity always covers the active set", np.all(capacity >= n_active_prev))
 
 cost = step_cost(sparse, B, capacity)
 flops = float(np.sum(cost["flops"]))
@@ -188,8 +187,10 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
-assert 0.0 < alpha_infl.mean() < 1.0 and alpha_infl.mean() >= alpha - 1e-6
-assert flops < flops_struct < flops_dense  # skipping silent units saves work
+check(f"the influence's activity {alpha_infl.mean():.3f} lies in (0, 1) and covers the events' α",
+      0.0 < alpha_infl.mean() < 1.0 and alpha_infl.mean() >= alpha - 1e-6)
+check(f"skipping silent units saves work ({flops:.3g} < {flops_struct:.3g} < {flops_dense:.3g} FLOPs)",
+      flops < flops_struct < flops_dense)
 
 # %% [markdown]
 # Wall-clock, informative only (not asserted): at this size (k = 32, batch 4, CPU) the loop and
