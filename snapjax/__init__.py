@@ -44,6 +44,10 @@ from snapjax.methods.tbptt import TBPTTState
 from snapjax.methods.uoro import UORO, UOROState, uoro_method
 from snapjax.parallel.sharded_checkpoint import restore_sharded, save_sharded
 from snapjax.parallel.sharding import method_specs, put_sharded, shard_state, state_specs
+from snapjax.training.cost_model import LayerCost
+from snapjax.training.describe import CompiledMemory, LearnerCost
+from snapjax.training.fit import FitResult, fit
+from snapjax.training.init_checks import MemoryLimitError, SlowPathWarning
 from snapjax.training.learner import OnlineLearner, OnlineState
 from snapjax.training.losses import Loss, get_loss, mse_loss, softmax_xent_loss
 from snapjax.training.model import OnlineModel
@@ -79,6 +83,8 @@ __all__ = [
     "skip_nonfinite", "masked_updates", "accumulate_online", "skipped_count",
     "SkipNonFiniteState", "AccumulateOnlineState",
     "save_state", "restore_state", "state_to_bytes", "state_from_bytes", "save_sharded", "restore_sharded",
+    # cost preview and streaming driver
+    "LearnerCost", "LayerCost", "CompiledMemory", "SlowPathWarning", "MemoryLimitError", "fit", "FitResult",
     # sparsity
     "random_masks", "apply_masks", "mask_updates", "density_report", "snap_pattern_size",
 ]

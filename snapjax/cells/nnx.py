@@ -1,5 +1,6 @@
-"""flax.nnx cells: convert to a compressed :class:`snapjax.CellSpec` with linen-layout parameters,
-train online, write the parameters back.
+"""flax.nnx modules as layers: cells to a compressed :class:`snapjax.CellSpec` with linen-layout
+parameters, feed-forward modules to a plain dict of their ``nnx.Param`` values, whole models by
+their declared layers; trained parameters written back in place.
 
 =========================  ==============================================  ====================
 flax.nnx cell              linen-layout parameters (``from_nnx``)          spec
@@ -20,6 +21,15 @@ Each cell's ``gate_fn``/``activation_fn`` is kept.  :func:`to_nnx` is the invers
 (trained) linen-layout parameter dict into the module's ``nnx.Param`` variables in place, in
 the variables' own dtype.
 
+Any other nnx module (``nnx.Linear``, ``nnx.Sequential``, an MLP ``nnx.Module``) is a
+feed-forward layer (:func:`nnx_feedforward`): ``nnx.split`` into graphdef and ``nnx.Param``
+state once, the values kept as a plain dict with string keys (``{"layers": {"0": {"kernel",
+"bias"}}}`` for a ``Sequential``), merged back into a copy of the module at each call.  Modules
+holding other variables (rngs of a Dropout, batch statistics of a BatchNorm) are refused.  A
+whole model declares its layers (``online_layers``, :func:`nnx_layers`: its ``__call__`` is not
+traced), and :func:`to_nnx` on the layer list (or the model) and ``state.params`` writes every
+nnx layer back in one call.
+
 Example::
 
     >>> import jax, jax.numpy as jnp, optax, snapjax as sj
@@ -34,6 +44,17 @@ Example::
     >>> params = optax.apply_updates(params, jax.tree.map(lambda g: -0.1 * g, grads))
     >>> to_nnx(cell, params)                      # the nnx module now holds the new values
     >>> bool(jnp.array_equal(cell.dense_h.kernel[...][:, 8:], params["hn"]["kernel"]))
+    True
+
+A whole model through the learner, written back in one call::
+
+    >>> layers = [nnx.Linear(3, 4, rngs=nnx.Rngs(1)), nnx.GRUCell(4, 4, rngs=nnx.Rngs(2)),
+    ...           nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(3)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(4)))]
+    >>> learner = sj.OnlineLearner(layers, method="snap1", loss="mse", optimizer=optax.sgd(0.1))
+    >>> state = learner.init(jax.random.key(0), batch_size=2, input_size=3)
+    >>> state, _, _ = learner.run(state, jnp.ones((4, 2, 3)), jnp.zeros((4, 2, 2)))
+    >>> to_nnx(layers, state.params)
+    >>> bool(jnp.array_equal(layers[2].layers[2].kernel[...], state.params["layers_2"]["layers"]["2"]["kernel"]))
     True
 """
 
