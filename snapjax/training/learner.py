@@ -39,14 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
-from snapjax.methods.base import (
-    OnlineMethod,
-    check_batch_size,
-    select_examples,
-    typed_key,
-)
+from snapjax.methods.base import OnlineMethod, check_batch_size, typed_key
 from snapjax.parallel.sharding import run_sharded
 from snapjax.training.config import (
     build_stage_methods,
@@ -57,12 +51,16 @@ from snapjax.training.config import (
     check_step_inputs,
     resolve_learner,
 )
+from snapjax.training.describe import LearnerCost, describe
 from snapjax.training.donation import DonatingJit
+from snapjax.training.fit import FitResult, fit
 from snapjax.training.forward_only import evaluate, predict
 from snapjax.training.guard import contain_faults
+from snapjax.training.init_checks import check_init
 from snapjax.training.losses import Loss, get_loss
 from snapjax.training.model import OnlineModel, Stage, param_masks
 from snapjax.training.online_state import OnlineState, initial_params
+from snapjax.training.scan_steps import reset_carry, scan_steps
 from snapjax.training.stage_passes import backward, forward, random_feedback
 from snapjax.training.transforms import masked_updates
 from snapjax.training.update import across_devices, any_device, period_update
@@ -222,6 +220,7 @@ class OnlineLearner:
                               is_leaf=lambda x: x is None)
         methods = self.methods(params, input_size)
         dtype = jnp.result_type(*jax.tree.leaves(params))
+        check_init(self, params, methods, batch, input_size, dtype)  # SlowPathWarning, MemoryLimitError
         K = self.period(params)
         keys = jax.random.split(k_state, len(methods))
         zero = jnp.zeros((), jnp.int32)
@@ -354,17 +353,7 @@ class OnlineLearner:
         return run_sharded(self, state, xs, ys, masks, opt_args, mesh)
 
     def _scan(self, state, xs, ys, masks, opt_args, device_aux=False, hold=None):
-        def body(st, inp):
-            x, y, m = inp
-            st, out, metrics = self.step(st, x, y, m, **opt_args)
-            if hold is not None:  # e.g. keep the influence split over a parameter axis
-                st = hold(st)
-            if device_aux:  # per-device statistics: a device axis, concatenated by shard_map
-                metrics = {**metrics, "aux": jax.tree.map(lambda a: jnp.asarray(a)[None], metrics["aux"])}
-            return st, (out, metrics)
-
-        state, (outs, metrics) = lax.scan(body, state, (xs, ys, masks))
-        return state, outs, metrics
+        return scan_steps(self, state, xs, ys, masks, opt_args, device_aux, hold)
 
     @functools.cached_property
     def run_jit(self) -> Callable:
@@ -389,12 +378,13 @@ class OnlineLearner:
     def reset_carry(self, state: OnlineState, batch_mask: Array | None = None) -> OnlineState:
         """Zero the carries and re-initialise the method states of the examples in
         ``batch_mask`` (``(B,)`` bool; ``None`` = all), e.g. between sequences."""
-        methods = self.methods(state.params)
-        batch = jax.tree.leaves(state.carry[0])[0].shape[0]
-        where = jnp.ones((batch,), bool) if batch_mask is None else jnp.asarray(batch_mask, bool)
-        if jnp.shape(where) != (batch,):
-            raise ValueError(f"batch_mask must have shape ({batch},), got {jnp.shape(where)}")
-        dtype = jnp.result_type(*jax.tree.leaves(state.params))
-        carry = tuple(select_examples(where, m.init_carry(batch, dtype), c, 0) for m, c in zip(methods, state.carry))
-        ms = tuple(m.reset(s, where) for m, s in zip(methods, state.method_state))
-        return state._replace(carry=carry, method_state=ms)
+        return reset_carry(self, state, batch_mask)
+
+    def describe(self, *, batch_size: int, input_size: int, params: PyTree | None = None, **options) -> LearnerCost:
+        """Cost preview per layer (path, state bytes, FLOPs) and of the compiled run, allocating
+        nothing (:func:`snapjax.training.describe.describe`; ``compiled=False`` skips XLA)."""
+        return describe(self, batch_size=batch_size, input_size=input_size, params=params, **options)
+
+    def fit(self, state: OnlineState, stream: Any, **options) -> FitResult:
+        """Drive a stream of chunks through :attr:`run_jit` (:func:`snapjax.fit`)."""
+        return fit(self, state, stream, **options)
