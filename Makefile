@@ -31,10 +31,10 @@ notebooks: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --quick --out benchmarks/out/step_cost_cpu_quick.json
 
-# The documentation site (mkdocs.yml, docs/) into the untracked site/: offline, notebooks not
-# executed, any warning is an error (--strict).
+# The documentation site (mkdocs.yml, docs/) into the untracked site/: offline, the tutorials
+# executed in fast mode (outputs and plots on the pages), any warning is an error (--strict).
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	SNAPJAX_FAST=1 MPLBACKEND=Agg NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # mypy on snapjax/ with the configuration in pyproject.toml ([tool.mypy]).
 typecheck: $(STAMP)

@@ -4,7 +4,7 @@
   ``::: snapjax.NAME`` entry in ``docs/api/*.md``, else the build fails and names the missing
   ones.
 * The tutorials are the notebooks' jupytext sources, ``notebooks/NN_*.py``, added to the site
-  under the same path (pages ``notebooks/NN_*/``, rendered by mkdocs-jupyter, never executed):
+  under the same path (pages ``notebooks/NN_*/``, executed and rendered by mkdocs-jupyter; ``make docs`` runs them in fast mode):
   the notebooks stay where they are, with no copies or links under ``docs/``.
 """
 
