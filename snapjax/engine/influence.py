@@ -41,6 +41,7 @@ from snapjax.engine.patterns import (
     component_patterns,
     kernel_layout,
     neighbour_table,
+    stores_dense,
 )
 from snapjax.engine.propagation import contract_gradient, decompress_kernels, propagator
 
@@ -337,7 +338,8 @@ def influence_tracker(
       layout: storage of SnAp-n for ``n >= 2``: ``"table"`` (gathered neighbours, cost
         ``∝ K²`` per parameter) or ``"dense"`` (all units, one batched matmul with ``D``, then
         masked to the pattern — the same values).  Default: ``"dense"`` when the neighbour
-        table is more than half full (the gather no longer pays), else ``"table"``.  SnAp-1
+        table is more than half full (the gather no longer pays,
+        :func:`snapjax.engine.patterns.stores_dense`), else ``"table"``.  SnAp-1
         is always ``"diag"`` and RTRL always ``"dense"``.
 
     Raises:
@@ -378,7 +380,7 @@ def influence_tracker(
         elif table.width == spec.units:
             layout = "dense"  # a full table is RTRL's storage whatever was asked
         elif layout is None:
-            layout = "dense" if 2 * table.width > spec.units else "table"
+            layout = "dense" if stores_dense(table.width, spec.units) else "table"
         patterns = component_patterns(spec, mask_dict, table, n, dense=layout == "dense")
     return InfluenceTracker(
         spec=spec,

@@ -56,7 +56,13 @@ __all__ = [
     "unit_derivative_patterns",
     "component_patterns",
     "check_masks",
+    "DENSE_FRACTION",
+    "stores_dense",
 ]
+
+#: A SnAp-n pattern whose widest column reaches more than this fraction of the state is stored
+#: densely (RTRL's kernel, masked to the pattern); below it, gathered per column.
+DENSE_FRACTION = 0.5
 
 
 class NeighbourTable(NamedTuple):
@@ -137,6 +143,26 @@ def recurrent_adjacency(spec: CellSpec, masks: Mapping[str, Any] | None) -> np.n
         unmasked = np.ones_like(adj) if m is None else (np.asarray(m) != 0)
         adj |= unmasked & pre_pat[:, :, j].any(axis=1)[None, :]
     return adj
+
+
+def stores_dense(width: int, size: int) -> bool:
+    """Whether a SnAp-n pattern reaching at most ``width`` of ``size`` state entries per
+    parameter is stored densely, as RTRL's ``(size, p)`` influence masked to the pattern,
+    rather than gathered (``width`` slots per parameter): ``width > DENSE_FRACTION · size``.
+
+    The gathered update costs ``O(width²)`` per parameter in gathers and small batched
+    products, the dense one ``O(size²)`` in one batched matmul, several times faster per FLOP;
+    on a 2-core CPU (GRU, k = 64 and 128) the two cross near ``width ≈ 0.46 · size``
+    (``benchmarks/snap_vs_rtrl.py``).  Decided once, when the method is built; both give the
+    same values.
+
+    Example::
+
+        >>> from snapjax.engine.patterns import stores_dense
+        >>> stores_dense(5, 10), stores_dense(6, 10), stores_dense(1, 64)
+        (False, True, False)
+    """
+    return int(width) > DENSE_FRACTION * int(size)
 
 
 def neighbour_table(spec: CellSpec, masks: Mapping[str, Any] | None, n: int) -> NeighbourTable:

@@ -123,15 +123,22 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
     prec = precision
     if layout == "diag":
         dl = dloss_dstate[:, :, None, :]
-    elif layout == "table":
+    else:  # "table" ("dense" contracts dloss_dstate directly, below)
         dl = dloss_dstate[:, table.nbr]  # (B, U, K, m)
-    else:
-        dl = dloss_dstate[:, None, :, :]  # (B, 1(i), U, m) -> broadcast over i
 
     def contract(J):
         shape = J.shape
         L = math.prod(shape[1:-3])
         cdt = jnp.promote_types(J.dtype, jnp.result_type(dloss_dstate))  # upcast a 16-bit J
+        if layout == "dense":
+            # One batched matrix-vector product per example over J's contiguous minor axes
+            # (U·m), then a sum over the batch: J is read once, in its stored order.  The
+            # single contraction over (b, v, c) lowered to a transposing copy of J per leaf,
+            # which XLA fused with the producer of J — recomputing D J + I (and the SnAp-n
+            # mask) in transposed order: 2-3x the step's cost at GRU-32.
+            Jm = J.reshape(batch, L * spec.units, spec.units * m).astype(cdt)
+            t = jnp.einsum("bnk,bk->bn", Jm, dloss_dstate.reshape(batch, -1).astype(cdt), precision=prec)
+            return t.sum(0).reshape(shape[1:-2])
         Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
         dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(cdt)
         if shape[-2] * m == 1:  # SnAp-1 of a one-component cell: drop the unit axes
