@@ -23,7 +23,12 @@ the input ``k + p > k``, so reverse mode (``k`` vector-Jacobian products sharing
 pass) is always the cheaper; forward mode would need ``k + p`` JVPs.
 
 Cost per example and step: ``O(k² p)`` for ``D J`` plus ``k`` VJPs of the cell; memory ``k·p``
-floats per example (the mask ``M_n`` does not shrink the storage).  Use it for small cells,
+floats per example.  SnAp-n whose input size is known at construction (``input_size=``, or a
+cell that reads it from its parameters; the learner passes it) stores only its pattern
+instead (``storage == "pattern"``, :mod:`snapjax.methods.generic_pattern`): per parameter the
+``w ≤ k`` state entries it reaches, updated with the ``w × w`` block of ``D``
+(``O(w² p)``; SnAp-1 of a unit-local parameter: ``w = 1``, elementwise), with parameters
+reaching more than half the state stored densely and masked; same values.  Use it for small cells,
 for prototyping a new cell and to check a hand-written :class:`snapjax.CellSpec`; cells with a
 compressed form (snapjax cells, flax ``GRUCell``/``LSTMCell``/``SimpleCell``) get the fast
 compressed methods from :func:`snapjax.online_method` (SnAp-1 about BPTT's cost).
@@ -59,6 +64,7 @@ from jax.flatten_util import ravel_pytree
 
 from snapjax.cells.recurrent import Recurrent, as_recurrent
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
+from snapjax.methods.generic_pattern import PatternLayout, pattern_layout
 from snapjax.methods.generic_support import (
     CarryCheck,
     ParamMasks,
@@ -96,7 +102,9 @@ def _lead(tree: PyTree) -> PyTree:
 # ------------------------------------------------------------------------------ the method
 class GenericInfluence(NamedTuple):
     """State of generic RTRL / SnAp-n: ``influence`` ``J (B, k, p)`` (``k`` = carry floats per
-    example in ``ravel_pytree`` order, ``p`` = parameter floats in ``ravel_pytree(params)`` order).
+    example in ``ravel_pytree`` order, ``p`` = parameter floats in ``ravel_pytree(params)`` order);
+    with ``storage == "pattern"`` a tuple of the stored groups ``(B, w_g, p_g)``
+    (:meth:`snapjax.methods.generic_pattern.PatternLayout.shapes`; ``method.to_dense`` expands it).
 
     Example (GRU with 3 units and 2 inputs: ``k = 3``, ``p = 57``)::
 
@@ -108,7 +116,7 @@ class GenericInfluence(NamedTuple):
         (True, (2, 3, 57), GenericInfluence(influence=0))
     """
 
-    influence: Array
+    influence: Any  # J (B, k, p), or the tuple of stored groups (storage == "pattern")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -121,6 +129,8 @@ class DenseInfluence(OnlineMethod):
       carry: :class:`snapjax.methods.generic_support.CarryCheck`.  p: parameter floats.
       param_shapes: ``ShapeDtypeStruct`` tree of the parameters.
       precision: matmul precision of the cell step and of ``D J``.
+      layout: the pattern storage (:class:`snapjax.methods.generic_pattern.PatternLayout`) and
+        the input size it was built for, or ``None``: the dense ``(B, k, p)`` storage.
 
     The ``(k, p)`` bool pattern ``M_n`` (:meth:`pattern`; ``None`` for RTRL without masks) is
     built at construction when the input size is known, else on the first trace of
@@ -135,8 +145,10 @@ class DenseInfluence(OnlineMethod):
         >>> methods = [sj.dense_method(rec, params, n=n, input_size=2) for n in (1, 2, None)]
         >>> [m.name for m in methods], [m.pattern_count(2) for m in methods]
         (['snap1', 'snap2', 'rtrl'], [57, 171, 171])
-        >>> methods[0].pattern(2).shape, methods[0].num_stored()      # (k, p); k·p stored per example
-        ((3, 57), 171)
+        >>> methods[0].pattern(2).shape                    # (k, p)
+        (3, 57)
+        >>> [(m.storage, m.num_stored()) for m in methods]  # SnAp-1 stores its pattern only
+        [('pattern', 57), ('dense', 171), ('dense', 171)]
     """
 
     cell: Recurrent
@@ -147,23 +159,40 @@ class DenseInfluence(OnlineMethod):
     p: int
     param_shapes: PyTree
     precision: Any = None
+    layout: tuple[PatternLayout, int] | None = None
     _patterns: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def storage(self) -> str:
+        """``"pattern"`` (only the entries of ``M_n``, :mod:`snapjax.methods.generic_pattern`) or
+        ``"dense"`` (``J (B, k, p)``, masked): chosen once, at construction."""
+        return "dense" if self.layout is None else "pattern"
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, cell={self.cell.name!r}, storage={self.storage!r}, "
+                f"k={self.carry.size}, p={self.p}, stored={self.num_stored()})")
 
     def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> GenericInfluence:
         del key  # deterministic
         b = check_batch_size(batch_size)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{self.name}: influence dtype must be floating point, got {dtype}")
+        if self.layout is not None:
+            return GenericInfluence(self.layout[0].init(b, dtype))
         return GenericInfluence(jnp.zeros((b, self.carry.size, self.p), dtype))
 
+    def to_dense(self, state: GenericInfluence) -> Array:
+        """The influence as ``(B, k, p)`` whatever the storage (tests, plots)."""
+        return state.influence if self.layout is None else self.layout[0].to_dense(state.influence)
+
     def batch_axes(self) -> GenericInfluence:
-        return GenericInfluence(influence=0)  # type: ignore[arg-type]
+        return GenericInfluence(influence=0)
 
     def param_axes(self) -> GenericInfluence:
-        return GenericInfluence(influence=-1)  # type: ignore[arg-type]  # J (B, k, p): the p axis
+        return GenericInfluence(influence=-1)  # J (B, k, p): the p axis
 
     def num_stored(self) -> int:
-        return self.carry.size * self.p
+        return self.carry.size * self.p if self.layout is None else self.layout[0].num_stored()
 
     # ---------------------------------------------------------------- Jacobians
     def _jacobians(self, params: PyTree, carry: PyTree, x: Array):
@@ -229,6 +258,14 @@ class DenseInfluence(OnlineMethod):
     def step(self, params: PyTree, carry: PyTree, state: GenericInfluence, x: Array) -> StepResult:
         batch = self.carry.step_args(carry, x)
         J = state.influence
+        if self.layout is not None:
+            layout, n_in = self.layout
+            got = tuple(jnp.shape(a) for a in J) if isinstance(J, tuple) else jnp.shape(J)
+            if got != layout.shapes(batch) or jnp.shape(x)[1] != n_in:
+                raise ValueError(f"{self.name}: the pattern storage was built for x of shape ({batch}, {n_in}) "
+                                 f"and influence shapes {layout.shapes(batch)}; got x {jnp.shape(x)}, influence {got}")
+            d_mat, i_mat, new = self._jacobians(params, carry, x)
+            return StepResult(new, GenericInfluence(layout.step(d_mat, i_mat, J, self.precision)), {})
         if jnp.shape(J) != (batch, self.carry.size, self.p):
             raise ValueError(f"{self.name}: influence must have shape ({batch}, {self.carry.size}, {self.p}), "
                              f"got {jnp.shape(J)}")
@@ -242,10 +279,14 @@ class DenseInfluence(OnlineMethod):
     def gradient(self, params: PyTree, state: GenericInfluence, dloss_dcarry: PyTree) -> tuple[PyTree, GenericInfluence]:
         batch = self.carry.like(dloss_dcarry, "dloss_dcarry")
         J = state.influence
-        if jnp.shape(J)[:1] != (batch,):
-            raise ValueError(f"{self.name}: dloss_dcarry has batch {batch}, the influence {jnp.shape(J)[0]}")
-        c = jax.vmap(lambda d: ravel_pytree(d)[0])(dloss_dcarry).astype(J.dtype)
-        g = jnp.einsum("bk,bkp->p", c, J, precision=self.precision)
+        first = J[0] if isinstance(J, tuple) else J
+        if jnp.shape(first)[:1] != (batch,):
+            raise ValueError(f"{self.name}: dloss_dcarry has batch {batch}, the influence {jnp.shape(first)[0]}")
+        c = jax.vmap(lambda d: ravel_pytree(d)[0])(dloss_dcarry).astype(first.dtype)
+        if self.layout is not None:
+            g = self.layout[0].gradient(c, J, self.precision)
+        else:
+            g = jnp.einsum("bk,bkp->p", c, J, precision=self.precision)
         return ravel_pytree(params)[1](g), state
 
 
@@ -257,6 +298,7 @@ def dense_method(
     masks: Any = None,
     precision: Any = None,
     input_size: int | None = None,
+    storage: str | None = None,
 ) -> DenseInfluence:
     """Exact RTRL (``n=None``) or SnAp-n with dense per-example Jacobians, for any cell.
 
@@ -272,8 +314,12 @@ def dense_method(
       precision: matmul precision (``"highest"`` for full float32 on GPUs).
       input_size: size of ``x``; when known (or read from a compressed cell's params) the
         SnAp-n pattern is built here, else at the first traced :meth:`DenseInfluence.step`.
+      storage: SnAp-n's storage: ``"pattern"`` (only the entries of ``M_n``; needs the input
+        size), ``"dense"`` (``J (B, k, p)``, masked) or ``None``: ``"pattern"`` when the input
+        size is known and some parameter reaches at most half the state
+        (:func:`snapjax.engine.patterns.stores_dense`), else ``"dense"``.  RTRL is always dense.
     Raises:
-      ValueError: bad ``n``, masks, parameters, precision or ``input_size``.
+      ValueError: bad ``n``, masks, parameters, precision, ``input_size`` or ``storage``.
 
     Example (exact RTRL on the dense path equals the compressed RTRL of the same GRU)::
 
@@ -296,6 +342,8 @@ def dense_method(
         True
     """
     rec = as_recurrent(cell)
+    if storage not in (None, "pattern", "dense"):
+        raise ValueError(f"{rec.name}: storage must be None, 'pattern' or 'dense', got {storage!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
         raise ValueError(f"{rec.name}: SnAp-n needs an integer n >= 1 (or None for RTRL), got n={n!r}")
     leaves = check_params(rec.name, params)
@@ -316,5 +364,11 @@ def dense_method(
     if input_size is not None:
         if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) or input_size < 1:
             raise ValueError(f"{rec.name}: input_size must be a positive int, got {input_size!r}")
-        method.pattern(int(input_size))
+        pattern = method.pattern(int(input_size))
+        if n is not None and storage != "dense" and pattern is not None:
+            layout = pattern_layout(pattern)
+            if layout.groups or storage == "pattern":
+                method = dataclasses.replace(method, layout=(layout, int(input_size)))
+    elif storage == "pattern" and n is not None:
+        raise ValueError(f"{rec.name}: storage='pattern' needs input_size= (the pattern depends on it)")
     return method

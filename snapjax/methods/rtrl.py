@@ -78,8 +78,13 @@ def build_influence_method(
     chunk_policy: str = "require",
     layout: Literal["diag", "table", "dense"] | None = None,
     verify: bool = True,
+    input_size: int | None = None,
 ) -> OnlineMethod:
     """Exact RTRL (``n=None``) or SnAp-n for ``cell``: the compressed, chunked or dense form.
+
+    ``layout`` picks the compressed storage (``"dense"`` also forces the generic path's dense
+    storage, the others its pattern storage); ``input_size`` is read only on the generic path,
+    where it lets SnAp-n store just its pattern (:func:`snapjax.methods.dense.dense_method`).
 
     Raises:
       ValueError: ``chunk`` for a SnAp order other than 1, or for a cell without a compressed
@@ -93,7 +98,9 @@ def build_influence_method(
     if cell.spec is None:
         if chunk is not None and chunk_policy == "require":
             raise ValueError(f"{cell.name}: {name!r} with chunk= needs a cell with a compressed form (CellSpec)")
-        return dense_method(cell, params, n=n, masks=masks, precision=precision)
+        storage = None if layout is None else "dense" if layout == "dense" else "pattern"
+        return dense_method(cell, params, n=n, masks=masks, precision=precision, input_size=input_size,
+                            storage=storage)
     if verify:
         verify_spec(cell.spec, params, masks)
     if chunk is not None and int(chunk) > 1:
@@ -111,7 +118,7 @@ def _build_snap1(cell: Recurrent, params: PyTree, **options: Any) -> OnlineMetho
     return build_influence_method(cell, params, n=1, **options)
 
 
-_OPTIONS = ("masks", "precision", "chunk", "layout", "verify")
+_OPTIONS = ("masks", "precision", "chunk", "layout", "verify", "input_size")
 register_method("rtrl", _build_rtrl, options=_OPTIONS,
                 summary="exact RTRL: the full influence J_t = D_t J_{t-1} + I_t (chunk=K: forward-backward hybrid)")
 register_method("snap", build_influence_method, options=_OPTIONS, ordered=True,
