@@ -27,6 +27,7 @@ common = importlib.import_module("_common")
 copy_task = importlib.import_module("copy_task")
 char_lm = importlib.import_module("char_lm")
 activity = importlib.import_module("activity")
+roofline = importlib.import_module("roofline")
 
 from snapjax.data.copy_task import NUM_TOKENS, copy_task_batch  # noqa: E402
 from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
@@ -230,3 +231,22 @@ def test_activity_tiny_end_to_end(tmp_path):
     """Dense and sparse weights in one run: one row each, the sparse one with fewer parameters."""
     rows = _activity_rows(tmp_path, ["1.0", "0.5"])
     assert rows[1]["param_density"] < rows[0]["param_density"] == 1.0
+
+
+def test_roofline_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "roofline.json"
+    assert roofline.main(["--cells", "gru,ctrnn (user CellSpec)", "--ks", "4", "--batches", "2", "--steps", "2",
+                          "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["command"].startswith("python benchmarks/roofline.py --cells")
+    assert res["ceilings"]["stream"]["GBps"] > 0 and res["ceilings"]["matmul"]["GFLOPs"] > 0
+    rows = {(r["cell"], r["method"]): r for r in res["rows"]}
+    assert set(rows) == {(c, m) for c in ("gru", "ctrnn (user CellSpec)") for m in ("bptt", "snap1", "rtrl")}
+    gru_p = rows[("gru", "bptt")]["params"]
+    assert rows[("gru", "snap1")]["stored_per_example"] == gru_p            # SnAp-1: one float per parameter
+    assert rows[("gru", "rtrl")]["stored_per_example"] == 4 * gru_p         # RTRL: k floats per parameter
+    assert rows[("gru", "bptt")]["x_bptt"] == 1.0
+    assert all(r["us_per_step"] > 0 and r["xla_flops_per_step"] > 0 for r in res["rows"] if r["method"] != "bptt")
+    with pytest.raises(SystemExit, match="2"):
+        roofline.main(["--cells", "nope"])
+    assert "unknown cells ['nope']" in capsys.readouterr().err
