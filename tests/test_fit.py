@@ -141,7 +141,7 @@ def test_hooks_receive_the_documented_metrics(tmp_path):
 def test_progress_bar_goes_to_stderr(capsys):
     sj.fit(LEARNER, _init(), [_chunk(0), _chunk(1)], progress=True)
     err = capsys.readouterr().err
-    assert "2/2" in err and "chunk" in err and "loss=" in err
+    assert "2/2" in err and "chunk" in err and "loss_ema=" in err and "tok_s=" in err
 
 
 BAD = [

@@ -56,9 +56,8 @@ def table(cost: Any) -> str:
     lines.append(f"memory at least (checked at init): {fmt_bytes(cost.estimate_bytes)}; device limit: {limit}{verdict}")
     c = cost.compiled
     if c is not None:
-        peak = "" if c.peak_bytes is None else f", peak {fmt_bytes(c.peak_bytes)}"
         lines.append(f"XLA, compiled run of {c.steps} step{'s' if c.steps > 1 else ''} ({c.compile_seconds:.1f} s to "
                      f"compile): arguments {fmt_bytes(c.argument_bytes)}, outputs {fmt_bytes(c.output_bytes)}, "
-                     f"donated {fmt_bytes(c.alias_bytes)}, temporaries {fmt_bytes(c.temp_bytes)}{peak}")
+                     f"donated {fmt_bytes(c.alias_bytes)}, temporaries {fmt_bytes(c.temp_bytes)}")
     lines += [f"warning: {n}" for n in cost.notes]
     return "\n".join(lines)

@@ -242,7 +242,8 @@ def fit(learner: Any, state: OnlineState, stream: Any, *, hooks: Callable | Sequ
                 last_saved, last_step = chunk, step
             losses.append(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss_ema']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss_ema=f"{metrics['loss_ema']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            refresh=False)
             for hook in hooks:
                 hook(step, dict(metrics))
     finally:
