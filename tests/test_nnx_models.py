@@ -148,7 +148,8 @@ def test_dropout_with_rngs_and_batchnorm_are_refused():
         sj.OnlineModel([nnx.BatchNorm(N_IN, rngs=rngs), cell])
     # a Dropout without rngs that is not deterministic fails when the layer is first run, named
     learner = sj.OnlineLearner([cell, nnx.Dropout(0.5), nnx.Linear(4, 2, rngs=rngs)])
-    with pytest.raises(ValueError, match=r"layers_1 \(Dropout\) fails on inputs of 4 features .*no `rngs`"):
+    with pytest.raises(ValueError, match=r"layers_1 \(Dropout\) fails on inputs of 4 features "
+                                         r"\(layers_0 emits 4\): ValueError: .*rngs"):
         learner.init(jax.random.key(0), batch_size=B, input_size=N_IN)
 
 
@@ -167,3 +168,69 @@ def test_no_recurrent_layer_names_the_rule_and_the_layers():
     with pytest.raises(ValueError, match=r"needs at least one recurrent layer; a layer is recurrent if .*"
                                          r"\[layers_0: Linear, layers_1: Dense\], all feed-forward"):
         sj.OnlineModel([nnx.Linear(3, 4, rngs=rngs), nn.Dense(2)])
+
+
+class NormGRU(nnx.Module):
+    """A GRU with a layer norm (mixes the units): no compressed form, the generic path."""
+
+    def __init__(self, n_in, n, rngs):
+        self.gru = nnx.GRUCell(n_in, n, rngs=rngs, param_dtype=jnp.float64)
+        self.norm = nnx.LayerNorm(n, rngs=rngs, param_dtype=jnp.float64)
+        self.in_features = n_in
+
+    def __call__(self, h, x):
+        h = self.norm(self.gru(h, x)[0])
+        return h, h
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return self.gru.initialize_carry(input_shape, rngs)
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def test_rtrl_on_a_custom_nnx_cell_equals_bptt(x64):
+    cell = NormGRU(N_IN, 4, nnx.Rngs(0))
+    _randomize(cell)
+    rec = sj.as_recurrent(cell)
+    assert rec.spec is None and sj.OnlineModel([cell, nnx.Linear(4, 2, rngs=nnx.Rngs(1))]).recurrent_flags == (
+        True, False)
+    params = rec.init_params(jax.random.key(0), N_IN)
+    xs = jax.random.normal(jax.random.key(1), (T, B, N_IN), jnp.float64)
+    ys = jax.random.normal(jax.random.key(2), (T, B, 4), jnp.float64)
+    loss = lambda y, t: jnp.sum((y - t) ** 2)  # noqa: E731
+    got = sj.online_gradient(sj.online_method("rtrl", rec, params), params, None, xs, ys, loss).grads
+
+    def total(c):
+        def body(h, xy):
+            h, y = c(h, xy[0])
+            return h, loss(y, xy[1])
+
+        return jnp.sum(jax.lax.scan(body, jnp.zeros((B, 4), jnp.float64), (xs, ys))[1])
+
+    want = _str_keys(nnx.grad(total)(cell).to_pure_dict())
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    to_nnx(cell, jax.tree.map(jnp.zeros_like, params))  # the generic cell's values written back
+    assert float(jnp.abs(cell.gru.dense_h.kernel[...]).sum()) == 0.0
+
+
+def test_an_nnx_cell_subclass_takes_the_generic_path(x64):
+    class Scaled(nnx.GRUCell):
+        def __call__(self, carry, x):
+            h, _ = super().__call__(carry, 2 * x)
+            return h, h
+
+    rec = sj.as_recurrent(Scaled(N_IN, 4, rngs=nnx.Rngs(0)))
+    assert rec.spec is None and rec.name == "Scaled"
+    assert rec.init_carry(3).shape == (3, 4)
+
+    class Readout(NormGRU):
+        def __call__(self, h, x):
+            h, _ = super().__call__(h, x)
+            return h, 2 * h
+
+    with pytest.raises(ValueError, match=r"Readout returns \(carry, y\) with y other than its carry"):
+        sj.as_recurrent(Readout(N_IN, 4, nnx.Rngs(0)))

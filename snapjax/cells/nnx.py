@@ -21,10 +21,13 @@ Each cell's ``gate_fn``/``activation_fn`` is kept.  :func:`to_nnx` is the invers
 (trained) linen-layout parameter dict into the module's ``nnx.Param`` variables in place, in
 the variables' own dtype.
 
-Any other nnx module (``nnx.Linear``, ``nnx.Sequential``, an MLP ``nnx.Module``) is a
-feed-forward layer (:func:`nnx_feedforward`): ``nnx.split`` into graphdef and ``nnx.Param``
-state once, the values kept as a plain dict with string keys (``{"layers": {"0": {"kernel",
-"bias"}}}`` for a ``Sequential``), merged back into a copy of the module at each call.  Modules
+Any other nnx cell (an ``nnx.RNNCellBase``, a subclass of the cells above, any module
+``(carry, x) -> (carry, y)`` defining ``initialize_carry``) takes the generic path
+(:func:`nnx_step`); any other nnx module (``nnx.Linear``, ``nnx.Sequential``, an MLP
+``nnx.Module``) is a feed-forward layer (:func:`nnx_feedforward`).  Both are ``nnx.split``
+into graphdef and ``nnx.Param`` state once (:mod:`snapjax.cells.nnx_modules`), the values
+kept as a plain dict with string keys (``{"layers": {"0": {"kernel", "bias"}}}`` for a
+``Sequential``), merged back into a copy of the module at each call.  Modules
 holding other variables (rngs of a Dropout, batch statistics of a BatchNorm) are refused.  A
 whole model declares its layers (``online_layers``, :func:`nnx_layers`: its ``__call__`` is not
 traced), and :func:`to_nnx` on the layer list (or the model) and ``state.params`` writes every
@@ -60,23 +63,25 @@ A whole model through the learner, written back in one call::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from snapjax.cells.builtin import gru_spec, lstm_spec, vanilla_spec
-from snapjax.cells.feedforward import FeedForward, get_path, nest
+from snapjax.cells.nnx_modules import ff_writes, is_nnx_cell, nnx_feedforward, nnx_layers, nnx_step
 from snapjax.cells.spec import CellSpec
 
 PyTree = Any
 
-__all__ = ["from_nnx", "to_nnx", "nnx_feedforward", "nnx_layers", "is_nnx_cell"]
+__all__ = ["from_nnx", "to_nnx", "nnx_feedforward", "nnx_layers", "nnx_step", "is_nnx_cell", "SUPPORTED_NNX"]
 
 _LSTM_GATES = ("i", "f", "g", "o")
 _GRU_GATES = ("r", "z", "n")
 _SUPPORTED = "flax.nnx GRUCell, LSTMCell, OptimizedLSTMCell or SimpleCell"
+#: The nnx cells with a compressed form (exact classes; any other nnx cell takes the generic path).
+SUPPORTED_NNX = (nnx.GRUCell, nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.SimpleCell)
 
 
 def _get(var: nnx.Variable) -> jax.Array:
@@ -180,151 +185,6 @@ def _cell_writes(cell: nnx.Module, params: PyTree) -> list[tuple[nnx.Variable, j
     return list(new.values())
 
 
-# ---------------------------------------------------------------------------
-# Feed-forward nnx modules: graphdef + nnx.Param values as a plain dict.
-
-
-def is_nnx_cell(module: Any) -> bool:
-    """Whether ``module`` is a flax.nnx recurrent cell (an ``nnx.RNNCellBase``)."""
-    return isinstance(module, nnx.RNNCellBase)
-
-
-def _extra_state(module: nnx.Module) -> None:
-    """``ValueError`` when ``module`` holds variables other than ``nnx.Param``."""
-    rest = nnx.split(module, nnx.Param, ...)[2]  # type: ignore[misc]
-    found = jax.tree_util.tree_flatten_with_path(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
-    if not found:
-        return
-    where = ", ".join(f"{'/'.join(str(getattr(k, 'key', k)) for k in path)} ({type(v).__name__})" for path, v in found)
-    name = type(module).__name__
-    if any(isinstance(v, nnx.RngState) for _, v in found):
-        raise ValueError(f"{name}: a feed-forward layer runs as a pure function of its nnx.Param values, and this "
-                         f"module draws random numbers at call time ({where}; e.g. an nnx.Dropout given rngs): "
-                         "build it without rngs (nnx.Dropout(rate, deterministic=True)) or leave it out")
-    raise ValueError(f"{name}: a feed-forward layer runs as a pure function of its nnx.Param values, and this module "
-                     f"carries other mutable state ({where}; e.g. nnx.BatchNorm's batch statistics), which is not "
-                     "supported: use nnx.LayerNorm or leave it out")
-
-
-def _param_layout(module: nnx.Module) -> tuple[Any, Any, Any, list[tuple[str, ...]], list[jax.Array]]:
-    """``(graphdef, param treedef, rest, string paths, values)`` of ``module``'s ``nnx.Param`` s."""
-    graphdef, state, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    paths = [tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)) for path, _ in flat]
-    return graphdef, treedef, rest, paths, [v for _, v in flat]
-
-
-def _in_features(module: Any) -> int | None:
-    """``in_features`` of an ``nnx.Linear``-like module, or of a ``Sequential``'s first layer."""
-    n = getattr(module, "in_features", None)
-    if isinstance(n, int):
-        return n
-    layers = getattr(module, "layers", None) if isinstance(module, nnx.Sequential) else None
-    return _in_features(layers[0]) if layers else None
-
-
-def nnx_feedforward(module: nnx.Module) -> FeedForward:
-    """A flax.nnx feed-forward module (``nnx.Linear``, ``nnx.Sequential``, an MLP ``nnx.Module``
-    called as ``module(h) -> h'``) as a :class:`~snapjax.cells.feedforward.FeedForward`.
-
-    The module is split into its graphdef and its ``nnx.Param`` values, kept as a plain dict
-    with string keys (``{"layers": {"0": {"kernel", "bias"}}}`` for a ``Sequential``);
-    ``apply(params, h)`` merges them into a copy of the module and calls it on the batch.
-
-    Raises:
-      ValueError: a recurrent cell, or a module holding variables other than ``nnx.Param``
-        (rngs for a Dropout, ``BatchNorm`` batch statistics).
-
-    Example::
-
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> ff = nnx_feedforward(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
-        >>> sorted(ff.params), ff.in_features, ff.apply(ff.params, jnp.ones((5, 3))).shape
-        (['bias', 'kernel'], 3, (5, 2))
-        >>> nnx_feedforward(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-            ...
-        ValueError: BatchNorm: a feed-forward layer runs as a pure function of its nnx.Param values, and ...
-    """
-    if not isinstance(module, nnx.Module) or is_nnx_cell(module):
-        raise ValueError(f"expected a flax.nnx feed-forward module, got {type(module).__name__}")
-    _extra_state(module)
-    graphdef, treedef, rest, paths, values = _param_layout(module)
-    params = nest(list(zip(paths, values))) if paths else None
-    name = type(module).__name__
-
-    def apply(p, h):
-        leaves = [get_path(p, path, name) for path in paths]
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)(h)
-
-    return FeedForward(name, apply, params, module, _in_features(module))
-
-
-def _ff_writes(module: nnx.Module, params: PyTree) -> list[tuple[nnx.Variable, jax.Array]]:
-    _, _, _, paths, values = _param_layout(module)
-    name = type(module).__name__
-    want = sorted(paths)
-    got = sorted(tuple(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params or {})[0])
-    if got != want:
-        raise ValueError(f"{name}: params have the leaves {['/'.join(p) for p in got]}, the module "
-                         f"{['/'.join(p) for p in want]}")
-    variables: dict[tuple[str, ...], nnx.Variable] = {
-        tuple(str(k) for k in path): v for path, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)}
-    out = []
-    for path, old in zip(paths, values):
-        new = jnp.asarray(get_path(params, path, name))
-        if new.shape != old.shape:
-            raise ValueError(f"{name}: params {'/'.join(path)} has shape {new.shape}, the module's {old.shape}")
-        out.append((variables[path], new.astype(old.dtype)))
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Whole nnx models: the declared layers, and writing trained parameters back.
-
-
-def nnx_layers(model: nnx.Module, names: Sequence[str] | None = None) -> list:
-    """The layers of a whole ``nnx.Module`` model, in the order a step applies them.
-
-    snapjax cannot trace an arbitrary ``__call__`` into stages: the model declares them, by
-    ``names`` or by a class attribute ``online_layers = ("encoder", "rnn", "head")``.  Each name
-    is an attribute path (``"blocks.0"`` indexes a list); the submodules found are the layers,
-    applied one after the other at every step, exactly like the list ``[model.encoder,
-    model.rnn, model.head]`` (the model's own ``__call__`` is not used).  ``OnlineModel`` (and
-    so ``OnlineLearner``) expands a model that declares ``online_layers`` by itself.
-
-    Raises:
-      ValueError: no names given or declared, or a name that is not an attribute path.
-
-    Example::
-
-        >>> from flax import nnx
-        >>> class Net(nnx.Module):
-        ...     online_layers = ("encoder", "rnn", "head")
-        ...     def __init__(self, rngs):
-        ...         self.encoder = nnx.Linear(3, 4, rngs=rngs)
-        ...         self.rnn = nnx.GRUCell(4, 8, rngs=rngs)
-        ...         self.head = nnx.Linear(8, 2, rngs=rngs)
-        >>> [type(m).__name__ for m in nnx_layers(Net(nnx.Rngs(0)))]
-        ['Linear', 'GRUCell', 'Linear']
-    """
-    names = getattr(model, "online_layers", None) if names is None else names
-    if names is None or isinstance(names, str) or not all(isinstance(n, str) for n in names) or not names:
-        raise ValueError(f"{type(model).__name__}: name its layers in order, nnx_layers(model, ('encoder', 'rnn', "
-                         f"'head')) or a class attribute online_layers = (...); got {names!r}")
-    out = []
-    for name in names:
-        node: Any = model
-        for part in name.split("."):
-            try:
-                node = node[int(part)] if part.isdigit() else getattr(node, part)
-            except (AttributeError, IndexError, KeyError, TypeError):
-                raise ValueError(f"{type(model).__name__} has no layer {name!r} (at {part!r})") from None
-        out.append(node)
-    return out
-
-
 def to_nnx(target: Any, params: PyTree) -> None:
     """Write trained parameters back into flax.nnx modules, in place (``nnx.update``-style), cast
     to each variable's dtype.
@@ -380,8 +240,8 @@ def to_nnx(target: Any, params: PyTree) -> None:
 def _writes(module: Any, params: PyTree, where: str) -> list[tuple[nnx.Variable, jax.Array]]:
     if not isinstance(module, nnx.Module):
         raise ValueError(f"{where}: expected a flax.nnx module, got {type(module).__name__}")
-    if is_nnx_cell(module):
+    if type(module) in SUPPORTED_NNX:
         if params is None:
             raise ValueError(f"{where}: no parameters given for the nnx {type(module).__name__}")
         return _cell_writes(module, params)
-    return _ff_writes(module, params)
+    return ff_writes(module, params)

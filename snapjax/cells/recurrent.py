@@ -42,7 +42,7 @@ from snapjax.cells.equinox import (
     is_equinox_cell,
 )
 from snapjax.cells.feedforward import FeedForward
-from snapjax.cells.nnx import from_nnx, is_nnx_cell, nnx_feedforward, nnx_layers
+from snapjax.cells.nnx import SUPPORTED_NNX, from_nnx, is_nnx_cell, nnx_feedforward, nnx_layers, nnx_step
 from snapjax.cells.spec import CellSpec, cell_step
 
 Array = jax.Array
@@ -195,9 +195,9 @@ def _from_module(module: nn.Module, output: Callable | None, zeros: Callable | N
 RECURRENT_RULE = (
     "a layer is recurrent if it is a snapjax cell, a CellSpec or a snapjax.Recurrent (what "
     "snapjax.as_recurrent returns: the explicit marker for any other module), a flax.linen module defining "
-    "initialize_carry (nn.RNNCellBase subclasses included), a flax.nnx GRUCell/LSTMCell/OptimizedLSTMCell/"
-    "SimpleCell, or an eqx.Module with an int hidden_size (eqx.nn.GRUCell/LSTMCell included); every other "
-    "module is feed-forward")
+    "initialize_carry (nn.RNNCellBase subclasses included), a flax.nnx module defining initialize_carry "
+    "(nnx.RNNCellBase subclasses included), or an eqx.Module with an int hidden_size (eqx.nn.GRUCell/LSTMCell "
+    "included); every other module is feed-forward")
 
 
 def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = False,
@@ -207,8 +207,9 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
     Args:
       cell: a :class:`Recurrent` (returned as is), a :class:`snapjax.CellSpec`, a snapjax cell
         (anything with a ``.spec``), a supported ``flax.linen`` cell (``GRUCell``, ``LSTMCell``,
-        ``SimpleCell``; see :func:`snapjax.as_cell_spec`), a flax.nnx cell (:func:`snapjax.from_nnx`;
-        its values are the initial parameters), an ``eqx.nn.GRUCell``/``LSTMCell`` or any
+        ``SimpleCell``; see :func:`snapjax.as_cell_spec`), a flax.nnx cell (:func:`snapjax.from_nnx`,
+        or the generic path for other nnx modules ``(carry, x) -> (carry, y)`` defining
+        ``initialize_carry``; their values are the initial parameters), an ``eqx.nn.GRUCell``/``LSTMCell`` or any
         ``eqx.Module`` step ``(x, carry) -> carry`` (:mod:`snapjax.cells.equinox`), or any
         ``flax.linen`` module called as ``module(carry, x) -> (carry, y)`` (the generic path).
       output: for generic modules, ``output(carry) -> y``; default: the carry itself, or its
@@ -249,8 +250,13 @@ def as_recurrent(cell: Any, *, output: Callable | None = None, generic: bool = F
     if isinstance(cell, Recurrent):
         return cell
     if is_nnx_cell(cell):
-        spec, params = from_nnx(cell)
-        return _from_spec(spec, cell, params)
+        if type(cell) in SUPPORTED_NNX and not generic:
+            spec, params = from_nnx(cell)
+            return _from_spec(spec, cell, params)
+        apply, out_fn, zeros, params = nnx_step(cell, _zeros(init_carry), output)
+        n_in = getattr(cell, "in_features", None)
+        return Recurrent(type(cell).__name__, apply, out_fn, zeros, None, cell, params=params,
+                         in_features=n_in if isinstance(n_in, int) else None)
     if is_equinox(cell):
         if is_equinox_builtin(cell) and not generic:
             spec, params = from_equinox(cell)

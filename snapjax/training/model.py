@@ -9,8 +9,9 @@ What counts as recurrent (one rule, :data:`snapjax.cells.recurrent.RECURRENT_RUL
 cell, a :class:`snapjax.CellSpec`, a :class:`snapjax.Recurrent` (what
 :func:`snapjax.as_recurrent` returns: the explicit marker for any other module), a
 ``flax.linen`` module defining ``initialize_carry`` and called as ``(carry, x) -> (carry, y)``
-(``nn.RNNCellBase`` subclasses included), a flax.nnx ``GRUCell``/``LSTMCell``/
-``OptimizedLSTMCell``/``SimpleCell``, or an ``eqx.Module`` with an ``int`` ``hidden_size``
+(``nn.RNNCellBase`` subclasses included), a flax.nnx module defining ``initialize_carry``
+(``nnx.RNNCellBase`` subclasses included; ``GRUCell``/``LSTMCell``/``OptimizedLSTMCell``/
+``SimpleCell`` take the compressed path), or an ``eqx.Module`` with an ``int`` ``hidden_size``
 (``eqx.nn.GRUCell``/``LSTMCell`` included).
 
 Layers may be ``flax.linen``, ``flax.nnx`` or equinox modules:
