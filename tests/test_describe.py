@@ -66,7 +66,7 @@ def test_paths_of_the_methods():
     assert got == {
         "snap1": ("snap1", "compressed/diag"), "rtrl": ("rtrl", "compressed/dense"),
         "rtrl-chunk4": ("rtrl-chunk4", "chunked/dense"), "snap1-chunk4": ("snap1-chunk4", "chunked/diag"),
-        "uoro": ("uoro", "rank-one"), "tbptt": ("tbptt3", "window"), "generic-rtrl": ("rtrl", "generic"),
+        "uoro": ("uoro", "rank-one"), "tbptt": ("tbptt3", "window"), "generic-rtrl": ("rtrl", "generic/dense"),
         "lstm-snap2": ("snap2", "compressed/dense"),
     }
 
@@ -139,26 +139,29 @@ def test_per_step_snap1_under_a_truncated_bptt_period_warns():
     assert fixed.describe(batch_size=2, input_size=N_IN, compiled=False).layers[0].path == "chunked/diag"
 
 
-def test_generic_snap1_storing_the_full_influence_warns():
-    learner = _learner("snap1", cell=sj.as_recurrent(nn.GRUCell(4), generic=True))
-    method = learner.describe(batch_size=2, input_size=N_IN, compiled=False)
-    params = _init(sj.OnlineLearner(nn.GRUCell(4), readout_size=2)).params  # same layout
-    m = learner.methods(params, N_IN)[0]
-    if m.num_stored() > m.pattern_count(N_IN):  # the generic path stores k·p, its pattern is p
-        with pytest.warns(sj.SlowPathWarning, match=r"'snap1' on the generic path .* stores the full influence, "
-                                                     r"496 floats per example, while its pattern has 124"):
-            _init(learner)
-        assert len(method.notes) == 1
-    else:  # a generic SnAp-1 that stores its pattern only: nothing to warn about
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", sj.SlowPathWarning)
-            _init(learner)
+def test_generic_snap1_held_to_the_full_influence_warns():
+    generic = sj.as_recurrent(nn.GRUCell(4), generic=True)
+    forced = _learner("snap1", cell=generic, method_options={"layout": "dense"})
+    with pytest.warns(sj.SlowPathWarning, match=r"layers_0: 'snap1' on the generic path stores the full influence "
+                                                 r"\(496 floats per example\) while its pattern has 124 entries.*drop "
+                                                 r"layout='dense'.*method='rtrl'"):
+        _init(forced)
+    rows = [forced.describe(batch_size=2, input_size=N_IN, compiled=False).layers[0],
+            _learner("snap1", cell=generic).describe(batch_size=2, input_size=N_IN, compiled=False).layers[0]]
+    assert [(r.path, r.state_bytes) for r in rows] == [("generic/dense", 4 * 4 * 124), ("generic/pattern", 4 * 124)]
+    # D·J: k² per stored column on the dense storage, one multiply-add per entry on SnAp-1's pattern (width 1)
+    assert rows[0].flops - rows[1].flops == 2 * 4 * (4 * 124) - 2 * 124 + 2 * (4 * 124 - 124)
+    with warnings.catch_warnings():  # the default storage: nothing to warn about
+        warnings.simplefilter("error", sj.SlowPathWarning)
+        _init(_learner("snap1", cell=generic))
 
 
 @pytest.mark.parametrize("kw", [dict(method="snap1"), dict(method="rtrl", update_every=4),
                                 dict(method="snap1", update_every=8), dict(method="uoro"),
-                                dict(method="rtrl", cell=sj.as_recurrent(nn.GRUCell(4), generic=True))],
-                         ids=["snap1", "chunked-rtrl", "chunked-snap1", "uoro", "generic-rtrl"])
+                                dict(method="rtrl", cell=sj.as_recurrent(nn.GRUCell(4), generic=True)),
+                                dict(method="snap2", cell=sj.as_recurrent(nn.GRUCell(4), generic=True),
+                                     method_options={"layout": "dense"})],
+                         ids=["snap1", "chunked-rtrl", "chunked-snap1", "uoro", "generic-rtrl", "generic-dense-snap2"])
 def test_fast_configurations_do_not_warn(kw):
     learner = _learner(**kw)
     with warnings.catch_warnings():

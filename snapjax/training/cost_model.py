@@ -2,35 +2,35 @@
 example (from ``jax.eval_shape``: nothing is allocated), its FLOPs and state traffic per step, and
 the lower bound of memory that ``learner.init`` checks (:mod:`snapjax.training.init_checks`).
 
-
-
-FLOPs per example and step and
-the method-state bytes read and written per example and step.  The path is read from the
-method's class: ``compressed/diag`` (SnAp-1), ``compressed/table`` (sparse SnAp-n),
-``compressed/dense`` (exact RTRL) on a cell's compressed Jacobians; ``chunked/dense`` and
-``chunked/diag`` (``chunk=K``); ``generic`` (dense per-example Jacobians of any cell);
-``activity``; ``rank-one`` (UORO); ``kronecker`` (KF-RTRL, OK); ``window`` (truncated BPTT);
-``trace`` (immediate, e-prop, RFLO, ES-D-RTRL); ``feed-forward``.
+The path is read from the method's class: ``compressed/diag`` (SnAp-1), ``compressed/table``
+(sparse SnAp-n), ``compressed/dense`` (exact RTRL) on a cell's compressed Jacobians;
+``chunked/dense`` and ``chunked/diag`` (``chunk=K``); ``generic/dense`` and ``generic/pattern``
+(dense per-example Jacobians of any cell; the influence stored whole, or per column on its
+SnAp-n pattern); ``activity``; ``rank-one`` (UORO); ``kronecker`` (KF-RTRL, OK); ``window``
+(truncated BPTT); ``trace`` (immediate, e-prop, RFLO, ES-D-RTRL); ``feed-forward``.
 
 FLOPs per example and step (a multiply-add counts 2; ``p`` the layer's parameters, ``k`` its
-carry floats, ``S`` the stored method floats, ``W`` the engine's stored units per parameter
-and ``m`` the state floats per unit, ``K`` the chunk or window, ``r`` OK's rank):
+carry floats, ``S`` the stored influence floats, ``W`` the engine's stored units per parameter,
+``m`` the state floats per unit, ``K`` the chunk or window, ``r`` OK's rank, ``w_g`` and ``S_g``
+the width and stored floats of a gathered column group), and the method-state floats read and
+written per example and step:
 
-=====================  ============================================  ==================
-path                   FLOPs                                          state traffic
-=====================  ============================================  ==================
-feed-forward           ``6p`` (forward and backward)                 --
-compressed/diag        ``2p + 4S``                                    ``2S`` floats
-compressed/table|dense ``2p + 2·W·m·S + 2S`` (``D·J`` and ``c·J``)    ``2S``
-chunked/dense          ``6p + 2k³ + 2S + 2k·S/K``                     ``2S/K``
-chunked/diag           ``6p + 2S + 2m·S/K``                           ``2S/K``
-generic                ``2p + 4k·p + 2k·S + 2S`` (``k`` VJPs, ``D·J``)  ``2S``
-activity               at most ``2p + 2k·S + 2S`` (all units active)  ``2S``
-rank-one               ``10p`` (one JVP, one VJP)                     ``2S``
-kronecker              ``6p + 2(r+1)k³`` (KF-RTRL: ``r = 1``)         ``2S``
-window                 ``6p`` (sliding: ``6p·K``)                     --
-trace                  ``6p``                                         ``2S``
-=====================  ============================================  ==================
+========================  ================================================  =============
+path                      FLOPs                                             state traffic
+========================  ================================================  =============
+feed-forward              ``6p`` (forward and backward)                     --
+compressed/diag           ``2p + 4S``                                       ``2S``
+compressed/table, dense   ``2p + 2·W·m·S + 2S`` (``D·J`` and ``c·J``)       ``2S``
+chunked/dense             ``6p + 2k³ + 2S + 2k·S/K``                        ``2S/K``
+chunked/diag              ``6p + 2S + 2m·S/K``                              ``2S/K``
+generic/dense             ``2p + 4k·p + 2k·S + 2S`` (``k`` VJPs, ``D·J``)   ``2S``
+generic/pattern           ``2p + 4k·p + Σ_g 2w_g·S_g + 2S``                 ``2S``
+activity                  at most ``2p + 2k·S + 2S`` (all units active)     ``2S``
+rank-one                  ``10p`` (one JVP, one VJP)                        ``2S``
+kronecker                 ``6p + 2(r+1)k³`` (KF-RTRL: ``r = 1``)            ``2S``
+window                    ``6p`` (sliding: ``6p·K``)                        --
+trace                     ``6p``                                            ``2S``
+========================  ================================================  =============
 
 They are estimates for choosing a configuration, not measurements: SnAp-1 is bound by the state
 traffic (a chunked form moves the influence once per chunk), dense RTRL by ``D·J``.
@@ -121,7 +121,7 @@ def method_path(method: Any) -> str:
     if isinstance(method, CompressedInfluence):
         return f"compressed/{method.tracker.layout}"
     if isinstance(method, DenseInfluence):
-        return "generic"
+        return f"generic/{method.storage}"
     if isinstance(method, ActivitySparseRTRL):
         return "activity"
     return _PATHS.get(type(method).__name__, "other")
@@ -145,8 +145,14 @@ def _flops(method: Any, path: str, k: int, p: int, S: float) -> tuple[float | No
         return 6 * p + 2 * k ** 3 + 2 * S + 2 * k * S / K, 2 * S / K
     if path == "chunked/diag":
         return 6 * p + 2 * S + 2 * m * S / K, 2 * S / K
-    if path in ("generic", "activity"):
-        return 2 * p + (4 * k * p if path == "generic" else 0) + 2 * k * S + 2 * S, 2 * S
+    if path.startswith("generic/"):
+        dj = 2 * k * S  # D·J on the dense storage; gathered groups: w_g MACs per stored entry
+        if getattr(method, "layout", None) is not None:
+            lay = method.layout[0]
+            dj = 2 * k * k * len(lay.dense_cols) + sum(2 * g.width * g.width * len(g.cols) for g in lay.groups)
+        return 2 * p + 4 * k * p + dj + 2 * S, 2 * S
+    if isinstance(method, ActivitySparseRTRL):
+        return 2 * p + 2 * k * S + 2 * S, 2 * S
     if path == "rank-one":
         return 10 * p, 2 * S
     if path == "kronecker":

@@ -33,6 +33,7 @@ import jax
 
 from snapjax.methods.compressed import CompressedInfluence
 from snapjax.methods.dense import DenseInfluence
+from snapjax.methods.generic_pattern import pattern_layout
 from snapjax.training.cost_model import layer_rows, memory_lower_bound
 from snapjax.training.describe_text import fmt_bytes
 from snapjax.training.model import input_sizes
@@ -76,8 +77,9 @@ def slow_path_notes(learner: Any, methods: tuple, params: PyTree, input_size: in
     * exact RTRL or SnAp-1 stepped per step on a compressed cell while the optimizer steps
       every ``K > 1`` steps: the chunked form (``chunk=K``) gives the same gradients and moves
       the influence once per chunk (``O(k²p)/K`` instead of ``O(k²p)`` per step for RTRL);
-    * a method on the generic path that stores more floats than its SnAp pattern has (the full
-      ``k·p`` influence for SnAp-1): exact RTRL costs the same there.
+    * SnAp-n on the generic path held to the dense storage (``layout='dense'``: the full ``k·p``
+      influence, SnAp-1 of a unit-local cell needs ``p``) where the pattern storage would gather
+      some columns (:mod:`snapjax.methods.generic_pattern`): exact RTRL costs the same there.
 
     Example::
 
@@ -102,14 +104,15 @@ def slow_path_notes(learner: Any, methods: tuple, params: PyTree, input_size: in
                 f"{layer}: {method.name!r} runs per step while the parameters change only every {K} steps; its "
                 f"chunked form gives the same gradients and reads and writes the influence once per {K} steps "
                 f"instead of every step: pass {fix} to OnlineLearner (see docs/concepts/chunked.md)")))
-        if isinstance(method, DenseInfluence) and sizes.get(stage.index) is not None:
-            stored, pattern = method.num_stored(), method.pattern_count(sizes[stage.index])
-            if stored > pattern:
-                notes.append((layer, (
-                    f"{layer}: {method.name!r} on the generic path ({stage.module.name} served without a compressed form) "
-                    f"stores the full influence, {stored:,} floats per example, while its pattern has {pattern:,}: "
-                    f"it costs as much as exact RTRL (method='rtrl': same storage, exact gradients); for a "
-                    f"BPTT-like cost use 'uoro' or 'tbptt', or give the cell a CellSpec (docs/howto/custom-cell.md)")))
+        n_in = sizes.get(stage.index)
+        if (isinstance(method, DenseInfluence) and method.n is not None and method.storage == "dense"
+                and n_in is not None and (pat := method.pattern(n_in)) is not None and pattern_layout(pat).groups):
+            stored, pattern = method.num_stored(), method.pattern_count(n_in)
+            notes.append((layer, (
+                f"{layer}: {method.name!r} on the generic path stores the full influence ({stored:,} floats per "
+                f"example) while its pattern has {pattern:,} entries and some of its columns would be stored "
+                f"gathered: it costs as much as exact RTRL; drop layout='dense' from method_options (the pattern "
+                f"storage), or use method='rtrl' (the same storage, exact gradients)")))
     return notes
 
 
