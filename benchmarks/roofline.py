@@ -20,8 +20,8 @@ repeats, medians with min-max spread; per-step time = total / T).  For each meth
   fraction of the measured matmul throughput — the bound for exact RTRL (``D·J``);
 * ``× BPTT`` = step time over BPTT's in the same run.
 
-Exact RTRL runs only where its state fits ``--rtrl-max-mb`` (``k·p`` floats per example grow as
-``k³``); the row says ``skipped (memory)`` otherwise.
+A method runs only where its state fits ``--max-state-mb`` at batch ``B`` (exact RTRL's ``k·p``
+floats per example grow as ``k³``); the row says ``skipped (memory)`` otherwise.
 
     python benchmarks/roofline.py --quick            # k ∈ {64, 128}, B ∈ {4, 16}: minutes
     python benchmarks/roofline.py                    # k ∈ {64, 128, 256}
@@ -111,15 +111,22 @@ def _xla_flops(fn, *args) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def runners(cell, params, B: int, T: int, methods: list[str], rtrl_max_mb: float):
-    """``{name: (jitted run(params, xs, ys), stored floats per example, XLA FLOPs of one step)}``."""
+def runners(cell, params, B: int, T: int, methods: list[str], max_state_mb: float, options=None):
+    """``{name: (jitted run(params, xs, ys), stored floats per example, XLA FLOPs of one step)}``
+    and ``[(name, why)]`` for the methods left out: a state over ``max_state_mb`` at batch ``B``,
+    or a method that does not apply to the cell (its ``ValueError``).  ``options(name)`` gives
+    each method's options (e.g. a window), ``{}`` by default."""
     out, skipped = {}, []
     out["bptt"] = (jax.jit(lambda p, xs, ys: sj.bptt_gradient(cell, p, None, xs, ys, _loss).grads), 0, None)
     for name in methods:
-        method = sj.online_method(name, cell, params)
+        try:
+            method = sj.online_method(name, cell, params, **(options(name) if options else {}))
+        except ValueError as err:
+            skipped.append((name, f"n/a: {err}"))
+            continue
         S = int(method.num_stored() or 0)
-        if name == "rtrl" and 4 * S * B / 2**20 > rtrl_max_mb:
-            skipped.append(name)
+        if 4 * S * B / 2**20 > max_state_mb:
+            skipped.append((name, "memory"))
             continue
 
         def one_step(p, c, s, x, method=method):
@@ -134,15 +141,17 @@ def runners(cell, params, B: int, T: int, methods: list[str], rtrl_max_mb: float
 
 
 def measure(cell_name: str, k: int, B: int, T: int, repeats: int, methods: list[str], ceilings: dict,
-            rtrl_max_mb: float) -> list[dict]:
-    cell = CELLS[cell_name](k)
+            max_state_mb: float, options=None, cell=None) -> list[dict]:
+    """Rows of one (cell, k, B) configuration: BPTT and ``methods`` timed round-robin (module
+    docstring); ``cell`` overrides ``CELLS[cell_name](k)``."""
+    cell = CELLS[cell_name](k) if cell is None else cell
     params = init_params(cell)
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.standard_normal((T, B, N_IN)), jnp.float32)
     rec = sj.as_recurrent(cell)
     out_size = int(np.shape(rec.output(rec.init_carry(1)))[-1])  # the loss is on the cell's output
     ys = jnp.asarray(rng.standard_normal((T, B, out_size)), jnp.float32)
-    fns, skipped = runners(cell, params, B, T, methods, rtrl_max_mb)
+    fns, skipped = runners(cell, params, B, T, methods, max_state_mb, options)
     for run, _, _ in fns.values():  # compile everything before any timing
         jax.block_until_ready(run(params, xs, ys))
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -166,7 +175,7 @@ def measure(cell_name: str, k: int, B: int, T: int, repeats: int, methods: list[
             "frac_matmul": gflops / ceilings["matmul"]["GFLOPs"] if gflops else None,
             "ns_per_stored_float": med * 1e9 / (S * B) if S else None,
         })
-    rows += [{"cell": cell_name, "k": k, "B": B, "params": p, "method": name, "skipped": "memory"} for name in skipped]
+    rows += [{"cell": cell_name, "k": k, "B": B, "params": p, "method": name, "skipped": why} for name, why in skipped]
     return rows
 
 
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="snap1,rtrl")
     ap.add_argument("--steps", type=int, default=32, help="T, time steps per timed call")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--rtrl-max-mb", type=float, default=512.0)
+    ap.add_argument("--max-state-mb", type=float, default=512.0, help="leave out a method whose state at B exceeds this")
     ap.add_argument("--out", default="benchmarks/out/roofline_cpu.json")
     args = ap.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
     for cell_name in cells:
         for k in ks:
             for B in batches:
-                rows += measure(cell_name, k, B, args.steps, args.repeats, methods, ceilings, args.rtrl_max_mb)
+                rows += measure(cell_name, k, B, args.steps, args.repeats, methods, ceilings, args.max_state_mb)
                 print(f"done {cell_name} k={k} B={B}", flush=True)
     # the ceilings once more, after the grid: a loaded machine shows as a drift between the two
     ceilings["stream_after"] = stream_bandwidth(biggest, 3 * args.repeats)
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
     table = markdown_table(
         ["cell", "k", "B", "method", "µs/step (min-max)", "× BPTT", "state GB/s (of stream)", "GFLOP/s (of matmul)",
          "ns per stored float"],
-        [[r["cell"], r["k"], r["B"], r["method"], "skipped (memory)", "", "", "", ""] if "skipped" in r else
+        [[r["cell"], r["k"], r["B"], r["method"], f"skipped ({r['skipped'][:60]})", "", "", "", ""] if "skipped" in r else
          [r["cell"], r["k"], r["B"], r["method"], f"{r['us_per_step']:.0f} ({r['us_range'][0]:.0f}-{r['us_range'][1]:.0f})",
           f"{r['x_bptt']:.2f}", f"{r['traffic_GBps']:.2f} ({pct(r['frac_bandwidth'])})" if r["stored_per_example"] else "—",
           f"{r['GFLOPs']:.1f} ({pct(r['frac_matmul'])})" if r["GFLOPs"] else "—",
