@@ -9,7 +9,10 @@ the others.  Timed per step, interleaved (every method once per round), in one p
 * ``snap1-dense``: SnAp-1 stored as ``J (B, k, p)`` and masked (the storage before pattern
   storage existed; ``storage="dense"``);
 * ``snap1-pattern``: SnAp-1 storing its pattern (the default when the input size is known);
-* ``gru-snap1``: the built-in GRU's compressed SnAp-1 (``p`` floats), for cost per stored float.
+* ``gru-snap1``: the built-in GRU's compressed SnAp-1 (``p`` floats), for cost per stored float;
+* ``gru-generic-snap1-dense`` / ``-pattern``: flax's ``GRUCell`` forced onto the generic path
+  (``as_recurrent(..., generic=True)``), whose SnAp-1 pattern is diagonal (one float per
+  parameter, ``I`` from one row-coloured product).
 
 Usage::
 
@@ -89,6 +92,12 @@ def measure(units, n_in, B, T, repeats):
         "snap1-pattern": (dense_method(rec, params, n=1, input_size=n_in), params),
         "gru-snap1": (sj.online_method("snap1", gru, gru_params), gru_params),
     }
+    flax_gru = nn.GRUCell(units)
+    fparams = flax_gru.init(jax.random.key(0), jnp.zeros((B, units)), jnp.zeros((B, n_in)))["params"]
+    generic = sj.as_recurrent(flax_gru, generic=True)
+    methods["gru-generic-snap1-dense"] = (dense_method(generic, fparams, n=1, input_size=n_in, storage="dense"),
+                                          fparams)
+    methods["gru-generic-snap1-pattern"] = (dense_method(generic, fparams, n=1, input_size=n_in), fparams)
     xs = jax.random.normal(jax.random.key(1), (T, B, n_in))
     fns = {m: _runner(meth, p, B, T) for m, (meth, p) in methods.items()}
     for m, f in fns.items():
@@ -124,7 +133,7 @@ def main(argv=None):
         results.append(r)
         print(f"LN-GRU-{k}, {args.inputs} inputs, B={args.batch} (generic path); built-in GRU-{k} for reference")
         for m, row in r["methods"].items():
-            print(f"  {m:14s} {row['storage']:8s} stored {row['stored']:8d}  median {row['us_per_step']:9.1f} µs/step "
+            print(f"  {m:26s} {row['storage']:8s} stored {row['stored']:8d}  median {row['us_per_step']:9.1f} µs/step "
                   f"[{row['spread'][0]:.1f} .. {row['spread'][1]:.1f}]  {row['ns_per_stored_float']:.3f} ns/float  "
                   f"ratio to RTRL {row['ratio_to_rtrl_median']:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

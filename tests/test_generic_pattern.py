@@ -36,6 +36,7 @@ def test_layernorm_gru_snap1_state_is_the_pattern_and_equals_jacfwd_recursion(x6
     rec = sj.as_recurrent(module)
     method = dense_method(rec, params, n=1, input_size=N_IN)
     assert method.storage == "pattern" and "storage='pattern'" in repr(method)
+    assert method.layout[0].colors is None  # densely stored columns: I is taken whole
 
     # M_1 by hand: update-gate and norm parameters reach their own unit, the others (through
     # the layer norm's mean and variance) every unit.
@@ -83,6 +84,9 @@ def test_pattern_storage_equals_dense_storage_flax_gru_with_masks(x64, n):
     den = sj.online_method(f"snap{n}", rec, params, masks=masks, input_size=N_IN, layout="dense")
     assert (pat.storage, den.storage) == ("pattern", "dense")
     assert pat.num_stored() < den.num_stored() and pat.num_stored() >= pat.pattern_count(N_IN)
+    # SnAp-1: every parameter writes one unit, so one product gives all of I (row colouring);
+    # SnAp-2 here has densely stored columns and takes I whole
+    assert pat.layout[0].num_colors == {1: 1, 2: 6}[n]
     if n == 2:
         widths = {g.width for g in pat.layout[0].groups}
         assert widths == {2, 3} and len(pat.layout[0].dense_cols) > 0
@@ -118,6 +122,34 @@ def test_layout_buckets_widths_and_drops_unreached_columns():
     assert np.array_equal(dense != 0, pattern)  # padding is never scattered back
     with pytest.raises(ValueError, match=r"\(k, p\) bool array"):
         pattern_layout(np.ones(4, bool))
+    with pytest.raises(ValueError, match="ipattern must be a bool array of shape"):
+        pattern_layout(pattern, ~pattern)
+
+
+def test_row_colouring_of_the_immediate_jacobian(x64):
+    """Rows of P_I sharing a column get different colours; one colour sum per colour then
+    recovers I on P_I exactly (checked on a random I with that pattern)."""
+    k, p = 6, 9
+    pattern = np.zeros((k, p), bool)
+    ipat = np.zeros((k, p), bool)
+    for j, rows in enumerate([[0], [1], [2, 3], [3], [4, 5], [5], [0, 2], [1], [4]]):
+        ipat[rows, j] = True
+        pattern[rows, j] = True
+        pattern[(rows[0] + 1) % k, j] = True  # M wider than P_I
+    layout = pattern_layout(pattern, ipat)
+    c = layout.colors
+    assert layout.num_colors < k and c is not None
+    for rows in ([2, 3], [4, 5], [0, 2]):
+        assert c[rows[0]] != c[rows[1]]
+    rng = np.random.default_rng(0)
+    I = np.where(ipat, rng.normal(size=(k, p)), 0.0)[None]  # (1, k, p)
+    V = np.einsum("ck,bkp->bcp", layout.color_cotangents(np.float64), I)
+    zero = tuple(jnp.zeros(s, F64) for s in layout.shapes(1))
+    d = jnp.zeros((1, k, k), F64)
+    by_colour = layout.to_dense(layout.step(d, jnp.asarray(V), zero))
+    whole = pattern_layout(pattern)  # no colouring: I taken whole
+    np.testing.assert_array_equal(by_colour, whole.to_dense(whole.step(d, jnp.asarray(I), zero)))
+    np.testing.assert_array_equal(np.asarray(by_colour)[0], I[0])
 
 
 def test_storage_choice_and_arguments():

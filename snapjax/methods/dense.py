@@ -161,6 +161,7 @@ class DenseInfluence(OnlineMethod):
     precision: Any = None
     layout: tuple[PatternLayout, int] | None = None
     _patterns: dict = dataclasses.field(default_factory=dict, repr=False)
+    _ipatterns: dict = dataclasses.field(default_factory=dict, repr=False)  # P_I per input size
 
     @property
     def storage(self) -> str:
@@ -213,6 +214,27 @@ class DenseInfluence(OnlineMethod):
 
         return jax.vmap(one)(carry, x)
 
+    def _colored_jacobians(self, params: PyTree, carry: PyTree, x: Array, layout: PatternLayout):
+        """Per example ``(D (B,k,k), V (B,C,p), new carry)``: ``D`` from ``k`` products with
+        respect to the state only, ``V`` the colour sums of the rows of ``I`` (``C`` products)."""
+        theta, unravel = ravel_pytree(params)
+        cot = jnp.asarray(layout.color_cotangents(np.dtype(theta.dtype)))
+
+        def one(c_b, x_b):
+            s_vec, unravel_s = ravel_pytree(c_b)
+
+            def f(th, s):
+                with matmul_precision(self.precision):
+                    new = self.cell.apply(self.masks.apply(unravel(th)), _lead(unravel_s(s)), x_b[None])
+                new = _first(new)
+                return ravel_pytree(new)[0], new
+
+            d_mat, new = jax.jacrev(lambda s: f(theta, s), has_aux=True)(s_vec)
+            _, pullback = jax.vjp(lambda th: f(th, s_vec)[0], theta)
+            return d_mat, jax.vmap(lambda v: pullback(v.astype(s_vec.dtype))[0])(cot), new
+
+        return jax.vmap(one)(carry, x)
+
     @property
     def built_patterns(self) -> tuple[int, ...]:
         """Input sizes whose pattern ``M_n`` has been built so far."""
@@ -242,6 +264,7 @@ class DenseInfluence(OnlineMethod):
                 pd |= np.asarray(d_mat[0]) != 0
                 pi |= np.asarray(i_mat[0]) != 0
         m = pi & col
+        self._ipatterns[n_in] = m.copy()
         for _ in range(self.n - 1):  # M_{j+1} = M_j ∪ pattern(D)·M_j, until it stops growing
             grown = m | ((pd.astype(np.int64) @ m.astype(np.int64)) > 0)
             if np.array_equal(grown, m):
@@ -264,7 +287,10 @@ class DenseInfluence(OnlineMethod):
             if got != layout.shapes(batch) or jnp.shape(x)[1] != n_in:
                 raise ValueError(f"{self.name}: the pattern storage was built for x of shape ({batch}, {n_in}) "
                                  f"and influence shapes {layout.shapes(batch)}; got x {jnp.shape(x)}, influence {got}")
-            d_mat, i_mat, new = self._jacobians(params, carry, x)
+            if layout.colors is None:
+                d_mat, i_mat, new = self._jacobians(params, carry, x)
+            else:
+                d_mat, i_mat, new = self._colored_jacobians(params, carry, x, layout)
             return StepResult(new, GenericInfluence(layout.step(d_mat, i_mat, J, self.precision)), {})
         if jnp.shape(J) != (batch, self.carry.size, self.p):
             raise ValueError(f"{self.name}: influence must have shape ({batch}, {self.carry.size}, {self.p}), "
@@ -366,7 +392,7 @@ def dense_method(
             raise ValueError(f"{rec.name}: input_size must be a positive int, got {input_size!r}")
         pattern = method.pattern(int(input_size))
         if n is not None and storage != "dense" and pattern is not None:
-            layout = pattern_layout(pattern)
+            layout = pattern_layout(pattern, method._ipatterns.get(int(input_size)))
             if layout.groups or storage == "pattern":
                 method = dataclasses.replace(method, layout=(layout, int(input_size)))
     elif storage == "pattern" and n is not None:

@@ -18,6 +18,15 @@ stored at all.  The gradient is ``g[j] = Σ_b Σ_s c_b[rows[s, j]] J_g[b, s, j]`
 
 The values are those of the dense masked recursion (the same products, without the zeros).
 
+Fewer Jacobian products.  When no column is stored densely, ``I`` is needed only on the stored
+entries.  Given the structural pattern ``P_I`` of ``I`` (``I[u, j] = 0`` wherever ``P_I[u, j]``
+is False), rows that share no column of ``P_I`` get one colour (greedy colouring, Curtis,
+Powell & Reid 1974 on rows), and one vector-Jacobian product per colour ``S``,
+``V_S = Σ_{u∈S} I[u, :]``, gives ``I[u, j] = V_{colour(u)}[j]`` on ``P_I``: SnAp-1 of a cell
+whose parameters each write one unit needs a single product for all of ``I`` instead of
+``k`` (:attr:`PatternLayout.colors`; ``D`` still takes ``k`` products with respect to the
+state only, ``O(k³)`` per example for a dense recurrence, without the ``O(k·p)`` of ``I``).
+
 Example (SnAp-1 of a GRU with a layer-normalised candidate: the update gate's parameters and
 the norm's reach only their own unit, stored once; the others reach every unit)::
 
@@ -69,6 +78,8 @@ class PatternLayout:
       dense_cols: ``(p_d,)`` columns stored at full width ``k``; ``dense_mask (k, p_d)`` their
         pattern (``None``: all ones).
       groups: the gathered column groups (:class:`PatternGroup`), narrowest first.
+      colors: ``(k,)`` colour of each state row for the row-compressed ``I`` (``None``: ``I`` is
+        taken whole, ``(B, k, p)``); ``ipatterns``: per group, ``P_I`` on its slots ``(w_g, p_g)``.
     """
 
     k: int
@@ -76,6 +87,18 @@ class PatternLayout:
     dense_cols: np.ndarray
     dense_mask: np.ndarray | None
     groups: tuple
+    colors: np.ndarray | None = None
+    ipatterns: tuple | None = None
+
+    @property
+    def num_colors(self) -> int:
+        """Vector-Jacobian products for ``I`` per example: the colours, or ``k`` without them."""
+        return self.k if self.colors is None else int(self.colors.max()) + 1
+
+    def color_cotangents(self, dtype: Any) -> np.ndarray:
+        """``(C, k)``: row ``c`` is the indicator of the state rows of colour ``c``."""
+        assert self.colors is not None
+        return (self.colors[None, :] == np.arange(self.num_colors)[:, None]).astype(dtype)
 
     def shapes(self, batch: int) -> tuple:
         """Shapes of the stored arrays: ``(B, k, p_d)`` (if any dense column), then ``(B, w_g, p_g)``."""
@@ -90,7 +113,8 @@ class PatternLayout:
         return tuple(jnp.zeros(s, dtype) for s in self.shapes(batch))
 
     def step(self, d_mat: Array, i_mat: Array, influence: tuple, precision: Any = None) -> tuple:
-        """``(D J + I) ⊙ M`` on the stored entries, from ``D (B, k, k)`` and ``I (B, k, p)``."""
+        """``(D J + I) ⊙ M`` on the stored entries, from ``D (B, k, k)`` and ``I (B, k, p)``, or
+        with :attr:`colors` the colour sums ``V (B, C, p)`` in place of ``I``."""
         out, parts = [], list(influence)
         if len(self.dense_cols):
             J = parts.pop(0)
@@ -100,8 +124,14 @@ class PatternLayout:
                 Jn = jnp.where(self.dense_mask, Jn, jnp.zeros((), J.dtype))
             out.append(Jn)
         diag = jnp.diagonal(d_mat, axis1=1, axis2=2)  # (B, k)
-        for g, J in zip(self.groups, parts):
-            ic = i_mat[:, g.rows, g.cols[None, :]].astype(J.dtype)  # (B, w, p_g)
+        for gi, (g, J) in enumerate(zip(self.groups, parts)):
+            if self.colors is None:
+                ic = i_mat[:, g.rows, g.cols[None, :]].astype(J.dtype)  # (B, w, p_g)
+            else:  # the colour sum of each slot's row, kept where I can be nonzero
+                assert self.ipatterns is not None
+                ic = i_mat[:, self.colors[g.rows], g.cols[None, :]].astype(J.dtype)
+                if not self.ipatterns[gi].all():
+                    ic = jnp.where(self.ipatterns[gi], ic, jnp.zeros((), J.dtype))
             if g.width == 1:
                 Jn = diag[:, g.rows].astype(J.dtype) * J + ic
             else:  # Σ_r D[rows[s], rows[r]] J[r]: the w×w block of D per column
@@ -140,11 +170,26 @@ class PatternLayout:
         return out
 
 
-def pattern_layout(pattern: np.ndarray) -> PatternLayout:
+def _greedy_colors(conflict: np.ndarray) -> np.ndarray:
+    """Colours of the rows of a symmetric bool conflict matrix, largest degree first."""
+    k = conflict.shape[0]
+    colors = np.full(k, -1, np.int64)
+    for u in np.argsort(-conflict.sum(axis=1), kind="stable"):
+        used = set(colors[conflict[u] & (colors >= 0)].tolist())
+        colors[u] = next(c for c in range(k) if c not in used)
+    return colors
+
+
+def pattern_layout(pattern: np.ndarray, ipattern: np.ndarray | None = None) -> PatternLayout:
     """The storage of a static bool pattern ``(k, p)`` (see the module docstring).
 
+    ``ipattern``: the structural pattern ``P_I (k, p)`` of ``I`` (``P_I ⊆ pattern``); when given
+    and no column is stored densely, ``I`` is taken row-compressed (:attr:`PatternLayout.colors`)
+    if that needs fewer than ``k`` products.
+
     Raises:
-      ValueError: ``pattern`` is not a 2-D bool array.
+      ValueError: ``pattern`` (or ``ipattern``) is not a 2-D bool array of that shape, or
+        ``ipattern`` is not inside ``pattern``.
     """
     pattern = np.asarray(pattern)
     if pattern.ndim != 2 or pattern.dtype != bool:
@@ -170,4 +215,16 @@ def pattern_layout(pattern: np.ndarray) -> PatternLayout:
             rows[: len(idx), c] = idx
             valid[: len(idx), c] = True
         groups.append(PatternGroup(cols_a, rows, valid))
-    return PatternLayout(k=k, p=p, dense_cols=dense_cols, dense_mask=dense_mask, groups=tuple(groups))
+    colors = ipats = None
+    if ipattern is not None:
+        ipattern = np.asarray(ipattern)
+        if ipattern.shape != pattern.shape or ipattern.dtype != bool or (ipattern & ~pattern).any():
+            raise ValueError(f"ipattern must be a bool array of shape {pattern.shape} inside pattern")
+        if not len(dense_cols) and groups:
+            sub = ipattern[:, np.concatenate([g.cols for g in groups])].astype(np.int64)
+            cand = _greedy_colors((sub @ sub.T) > 0)
+            if cand.max() + 1 < k:
+                colors = cand
+                ipats = tuple(ipattern[g.rows, g.cols[None, :]] & g.valid for g in groups)
+    return PatternLayout(k=k, p=p, dense_cols=dense_cols, dense_mask=dense_mask, groups=tuple(groups),
+                         colors=colors, ipatterns=ipats)
