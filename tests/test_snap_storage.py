@@ -10,6 +10,7 @@ from conftest import tree_rel_err
 import snapjax as sj
 from snapjax.engine.influence import influence_tracker
 from snapjax.engine.patterns import DENSE_FRACTION, stores_dense
+from snapjax.engine.propagation import SCATTER_ZEROS, apply_pattern
 from snapjax.methods.compressed import CompressedInfluence
 
 F64 = jnp.float64
@@ -60,13 +61,17 @@ def test_choice_at_the_threshold(width, storage):
     assert (snap2.num_stored() == rtrl_stored) == (storage == "dense")
 
 
-@pytest.mark.parametrize("width", [3, 6])  # 3 of 8: gathered by default; 6 of 8: dense by default
-def test_both_storages_give_the_same_gradients(x64, width):
-    cell, params, carry0, xs, ys = _gru(8, 3, 2, 6, seed=width)
-    masks = {name: _circulant(8, width) for name in ("hr", "hz", "hn")}
-    masks["ir"] = np.array([[1, 0, 1, 1, 0, 1, 1, 0]] * 3, bool)  # a masked input kernel too
+# 3 of 8: gathered by default; 6 of 8: dense, the pattern multiplied in; 9 of 10: dense, the
+# pattern (90 % full) applied by zeroing its few outside entries in place
+@pytest.mark.parametrize("units,width", [(8, 3), (8, 6), (10, 9)])
+def test_both_storages_give_the_same_gradients(x64, units, width):
+    cell, params, carry0, xs, ys = _gru(units, 3, 2, 6, seed=width)
+    masks = {name: _circulant(units, width) for name in ("hr", "hz", "hn")}
+    masks["ir"] = np.arange(3 * units).reshape(3, units) % 3 != 1  # a masked input kernel too
     auto = sj.online_method("snap2", cell, params, masks=masks)
-    assert auto.storage == ("dense" if width == 6 else "pattern")
+    assert auto.storage == ("pattern" if width == 3 else "dense")
+    if width == 9:
+        assert all(np.mean(~p) <= SCATTER_ZEROS for p in auto.tracker.patterns.values())
     out = {}
     for layout in ("table", "dense"):
         tracker = influence_tracker(cell, params, "snap", 2, masks=masks, layout=layout)
@@ -77,3 +82,18 @@ def test_both_storages_give_the_same_gradients(x64, width):
     # the pattern truncates here (SnAp-2 is not RTRL), so the agreement is not trivial
     rtrl = sj.online_gradient(sj.online_method("rtrl", cell, params, masks=masks), params, carry0, xs, ys, _loss)
     assert tree_rel_err(out["dense"].grads, rtrl.grads) > 1e-6
+
+
+def test_apply_pattern_scatter_and_multiply_agree():
+    """Nearly full patterns zero their few outside entries in place, sparser ones multiply: the
+    same values either way (and entries outside the pattern are exactly 0)."""
+    assert SCATTER_ZEROS == 0.1
+    rng = np.random.default_rng(0)
+    J = jnp.asarray(rng.normal(size=(2, 3, 10, 10, 2)))
+    for frac in (0.05, 0.1, 0.5):
+        M = rng.random((10, 10, 2)) >= frac
+        out = np.asarray(apply_pattern(J, M))
+        np.testing.assert_array_equal(out, np.asarray(J) * M)
+        assert np.all(out[:, :, ~M] == 0)
+    full = np.ones((10, 10, 2), bool)
+    assert apply_pattern(J, full) is J

@@ -43,7 +43,7 @@ from snapjax.engine.patterns import (
     neighbour_table,
     stores_dense,
 )
-from snapjax.engine.propagation import contract_gradient, decompress_kernels, propagator
+from snapjax.engine.propagation import apply_pattern, contract_gradient, decompress_kernels, propagator
 
 Array = jax.Array
 PyTree = Any
@@ -258,7 +258,7 @@ class InfluenceTracker:
             Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
             Jn = propagate(Jf, ic.astype(cdt))
             if self.patterns is not None:
-                Jn = Jn * jnp.asarray(self.patterns[group], Jn.dtype)
+                Jn = apply_pattern(Jn, self.patterns[group])
             return Jn.reshape(shape).astype(J.dtype)
 
         new = jax.tree.map(update, influence, imm, groups)

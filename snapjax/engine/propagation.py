@@ -40,7 +40,11 @@ from snapjax.engine.patterns import KernelLayout, NeighbourTable
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["propagator", "contract_gradient", "decompress_kernels"]
+__all__ = ["propagator", "contract_gradient", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS"]
+
+#: A SnAp-n pattern on the dense storage with at most this fraction of its entries outside the
+#: pattern is applied by setting those entries to zero in place; a sparser one by a multiply.
+SCATTER_ZEROS = 0.1
 
 
 def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, precision: Any,
@@ -109,6 +113,34 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
         return Jn + ic[:, :, :, None, :] * eye[None, None, :, :, None]
 
     return propagate_dense
+
+
+def apply_pattern(J: Array, pattern: np.ndarray) -> Array:
+    """``J ⊙ M`` for the static bool pattern ``M (U, K, m)`` of one parameter group, ``J (B, L, U,
+    K, m)``: entries outside ``M`` become 0.
+
+    A nearly full pattern (at most :data:`SCATTER_ZEROS` of it outside) zeroes its few entries
+    with an in-place scatter; a multiply by ``M`` there made XLA:CPU evaluate ``D J + I`` twice,
+    once for the stored influence and once for the gradient's operand (SnAp-3 at GRU-64,
+    density 0.1, 99.3 % full: 1.2x RTRL's step, 0.95-0.99x with the scatter).  A sparser
+    pattern is multiplied (a scatter of many entries costs more).
+
+    Example::
+
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from snapjax.engine.propagation import apply_pattern
+        >>> M = np.ones((3, 3, 1), bool); M[0, 2, 0] = False
+        >>> out = apply_pattern(jnp.ones((1, 1, 3, 3, 1)), M)
+        >>> float(out.sum()), float(out[0, 0, 0, 2, 0])
+        (8.0, 0.0)
+    """
+    zeros = ~np.asarray(pattern, bool)
+    if not zeros.any():
+        return J
+    if zeros.mean() <= SCATTER_ZEROS:
+        zi, zk, za = np.nonzero(zeros)
+        return J.at[:, :, zi, zk, za].set(jnp.zeros((), J.dtype))
+    return J * jnp.asarray(pattern, J.dtype)
 
 
 def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernels: dict, precision: Any,
