@@ -9,10 +9,10 @@ once in turn (interleaved, so load drifts hit all alike), and reports medians, t
 (min, quartiles, max) and the median of the per-round ratios to RTRL.
 
 Configurations: ``demo`` (``make demo``: GRU-32, 4 inputs, batch 8, density 0.25),
-``char`` (the character LM's shape: GRU-32, 84 inputs, batch 8, density 0.25) and ``k64``
-(GRU-64, 64 inputs, batch 16, density 0.1)::
+``char`` (the character LM's shape: GRU-32, 84 inputs, batch 8, density 0.25), ``k64`` and
+``k64s`` (GRU-64, 64 inputs, batch 16, density 0.1 and 0.05)::
 
-    python benchmarks/snap_vs_rtrl.py                        # all three, ~2 min on 2 CPU cores
+    python benchmarks/snap_vs_rtrl.py                        # all four, ~4 min on 2 CPU cores
     python benchmarks/snap_vs_rtrl.py --configs demo --repeats 21
 
 Writes ``--out`` (default ``benchmarks/out/snap_vs_rtrl.json``) with the command line.
@@ -43,6 +43,7 @@ CONFIGS = {  # name: (units, inputs, batch, density)
     "demo": (32, 4, 8, 0.25),
     "char": (32, 84, 8, 0.25),
     "k64": (64, 64, 16, 0.1),
+    "k64s": (64, 64, 16, 0.05),
 }
 METHODS = ("rtrl", "snap1", "snap2", "snap3")
 
