@@ -15,7 +15,7 @@ SOURCES = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 
 def test_notebooks_exist():
     names = [p.stem for p in SOURCES]
-    assert names == ["01_quickstart", "02_what_snap_keeps", "03_copy_task", "04_activity_sparsity"]
+    assert names == ["01_quickstart", "02_what_snap_keeps", "03_copy_task", "04_activity_sparsity", "05_streaming"]
     readme = (NB_DIR / "README.md").read_text()
     for name in names:
         assert name in readme
