@@ -31,24 +31,28 @@ from typing import Any
 
 import _atlas_learning as AL
 import numpy as np
-from _common import display_name, markdown_table
+from _common import markdown_table
 
 import snapjax as sj
 from snapjax.methods import uses_window
 
 
 def diff(a: list[float], b: list[float]) -> dict:
-    """Mean of ``a`` minus mean of ``b`` with ±2 standard errors (``nan`` if either is empty)."""
+    """Mean of ``a`` minus mean of ``b`` with ±2 standard errors (no interval, ``nan``, unless both
+    have at least 2 samples)."""
     a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    nan = float("nan")
     if a_.size == 0 or b_.size == 0:
-        return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "n": [int(a_.size), int(b_.size)]}
-    se = np.sqrt((a_.var(ddof=1) / a_.size if a_.size > 1 else 0.0) + (b_.var(ddof=1) / b_.size if b_.size > 1 else 0.0))
+        return {"diff": nan, "low": nan, "high": nan, "n": [int(a_.size), int(b_.size)]}
     d = float(a_.mean() - b_.mean())
+    if a_.size < 2 or b_.size < 2:  # no spread to estimate: no interval
+        return {"diff": d, "low": nan, "high": nan, "n": [int(a_.size), int(b_.size)]}
+    se = np.sqrt(a_.var(ddof=1) / a_.size + b_.var(ddof=1) / b_.size)
     return {"diff": d, "low": d - 2 * float(se), "high": d + 2 * float(se), "n": [int(a_.size), int(b_.size)]}
 
 
 def _sign(d: dict) -> int:
-    """+1 interval above 0, −1 below, 0 contains it (or no data)."""
+    """+1 interval above 0, −1 below, 0 contains it (or no interval)."""
     if not np.isfinite(d["low"]):
         return 0
     return 1 if d["low"] > 0 else (-1 if d["high"] < 0 else 0)
@@ -92,7 +96,7 @@ def claims(data: dict, p: Any, stochastic_ref: str = "uoro") -> dict:
     # (b)
     windowed = [n for n in {r["method"] for r in copy} if uses_window(n)]
     comps, signs = [], []
-    for d in [d for d in p.sparse_copy_densities if d <= 0.25] + [d for d in p.copy_densities if d <= 0.25]:
+    for d in sorted({d for d in p.sparse_copy_densities + p.copy_densities if d <= 0.25}, reverse=True):
         a = _ok(copy, s2, d)
         for w in sorted(windowed):
             b = _ok(copy, w, d)
@@ -142,7 +146,8 @@ def atlas_rows(data: dict, p: Any) -> list[list]:
     rows = []
     for rule in data["rules"]:
         name = rule["rule"]
-        label = display_name(rule.get("built") or name)
+        built = rule.get("built") or name
+        label = f"`{name}`" + ("" if built == name else f" ({built})")
         if rule["status"] != "run":
             rows.append([name, rule["why"], "", "", "", "", "", ""])
             continue
@@ -156,7 +161,7 @@ def atlas_rows(data: dict, p: Any) -> list[list]:
         cos = "—" if qr is None else f"{qr['cos']:.4f}" + (f" (mean of seeds {qr['cos_mean']:.3f})" if qr["stochastic"] else "")
         copy = AL.summarize_copy(learn.get("copy", []), name, 1.0) if learn else None
         char = AL.summarize_char(learn.get("char", []), name) if learn else None
-        rows.append([f"{label} (`{name}`)", kind, xb, mem, cos, _pm(copy, "final_L", "{:.3g}"), _pm(char, "final_val_bpc")])
+        rows.append([label, kind, xb, mem, cos, _pm(copy, "final_L", "{:.3g}"), _pm(char, "final_val_bpc")])
     return rows
 
 
@@ -235,18 +240,25 @@ def plots(data: dict, p: Any, out: Path) -> list[Path]:
     cost = {r["method"]: r for r in data.get("cost", {}).get("rows", []) if "x_bptt" in r and r["k"] == min(p.cost_ks)}
     q = [r for r in data.get("quality", []) if r.get("k") == k_q and "cos" in r]
     if q:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for d in sorted({r["density"] for r in q}, reverse=True):
-            pts = [(cost[r["rule"]]["x_bptt"] if r["rule"] in cost else r["stored_per_example"], r["cos"], r["rule"])
-                   for r in q if r["density"] == d]
-            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], label=f"density {d:g}")
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"× BPTT per step (k={min(p.cost_ks)})" if cost else "stored floats per example")
-        ax.set_ylabel(f"median cosine to RTRL (k={k_q})")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        dense = [r for r in q if r["density"] == 1.0]
+        for r in dense:  # cost was measured on the dense GRU
+            x = cost[r["rule"]]["x_bptt"] if r["rule"] in cost else float("nan")
+            axes[0].scatter([x], [r["cos"]], color="C0")
+            axes[0].annotate(r["rule"], (x, r["cos"]), fontsize=7)
+        for i, d in enumerate(sorted({r["density"] for r in q}, reverse=True)):
+            pts = [r for r in q if r["density"] == d]
+            axes[1].scatter([r["stored_per_example"] for r in pts], [r["cos"] for r in pts], color=f"C{i}",
+                            label=f"density {d:g}")
+            for r in pts:
+                axes[1].annotate(r["rule"], (r["stored_per_example"], r["cos"]), fontsize=7)
+        axes[0].set_xlabel(f"× BPTT per step (k={min(p.cost_ks)}, dense)")
+        axes[1].set_xlabel("method state, floats per example")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_ylabel(f"median cosine to RTRL (k={k_q})")
+            ax.grid(alpha=0.3)
+        axes[1].legend()
         fig.tight_layout()
         paths.append(out / f"atlas_{p.name}_quality.png")
         fig.savefig(paths[-1], dpi=110)
