@@ -113,6 +113,10 @@ def run_learning(rules: list[dict], p: R.Preset, log: Callable = print, corpus: 
     copy_runs, char_runs = [], []
     grid = [(n, d) for d in p.copy_densities for n in names]
     grid += [(n, d) for d in p.sparse_copy_densities for n in names if n in p.sparse_copy_rules]
+    n_char = len(names) * len(p.seeds)
+    log(f"learning: {len(grid) * len(p.seeds)} copy runs (≤ {p.copy_time_s:g} s each) and {n_char} char runs "
+        f"(≤ {p.char_time_s:g} s each): at most {(len(grid) * len(p.seeds) * p.copy_time_s + n_char * p.char_time_s) / 60:.0f} min "
+        f"plus evaluation after the caps")
     for name, d in grid:
         for seed in p.seeds:
             head = {"method": name, "label": name, "density": d, "seed": seed}

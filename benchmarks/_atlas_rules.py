@@ -52,7 +52,7 @@ class Preset:
     quality_densities: tuple[float, ...] = (1.0, 0.25, 0.1)
     sparse_rules: tuple[str, ...] = ("rtrl", "snap1", "snap2", "snap3")  # the rules run at density < 1
     quality_batch: int = 4
-    quality_steps: int = 1024
+    quality_steps: int = 512
     quality_lengths: tuple[int, int] = (3, 8)  # copy lengths L of the reference stream's episodes
     quality_lr: float = 3e-3  # Adam, the reference trajectory (exact RTRL, every step)
     seeds_stochastic: int = 100  # seeds per stochastic rule (bias and variance)
