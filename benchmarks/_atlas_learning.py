@@ -51,6 +51,10 @@ def run_cost(rules: list[dict], p: R.Preset, log: Callable = print) -> dict:
         got = roofline.measure("gru", k, p.cost_batch, p.cost_steps, p.cost_repeats, names, ceilings,
                                p.cost_max_state_mb, options=lambda n: R.rule_options(n, p))
         for r in got:
+            if r.get("skipped") == "memory":  # not timed: its state size still tells the memory
+                cell = roofline.CELLS["gru"](k)
+                method = R.build(r["method"], cell, roofline.init_params(cell), p)
+                r["stored_per_example"] = int(method.num_stored() or 0)
             if "stored_per_example" in r:
                 r["bytes_per_example"] = 4 * r["stored_per_example"]
         rows += got

@@ -140,7 +140,12 @@ def atlas_rows(data: dict, p: Any) -> list[list]:
     """One row per rule (module ``atlas.py`` docstring for the columns)."""
     k_q = max(p.quality_ks)
     k_c = sorted(p.cost_ks)[len(p.cost_ks) // 2]
-    cost = {r["method"]: r for r in data.get("cost", {}).get("rows", []) if r["k"] == k_c}
+    rows_c = data.get("cost", {}).get("rows", [])
+    cost = {r["method"]: r for r in rows_c if r["k"] == k_c}
+    timed = {}  # a rule skipped at k_c: its time at the largest smaller k where it ran
+    for r in sorted(rows_c, key=lambda r: r["k"]):
+        if "x_bptt" in r and r["k"] <= k_c:
+            timed[r["method"]] = r
     q = {r["rule"]: r for r in data.get("quality", []) if r.get("k") == k_q and r.get("density") == 1.0 and "cos" in r}
     learn = data.get("learning", {})
     rows = []
@@ -156,7 +161,9 @@ def atlas_rows(data: dict, p: Any) -> list[list]:
         if qr:
             kind = qr["kind"] + (f" (bias {qr['bias']:.2g} ≤ 2× floor {qr['noise_floor']:.2g})" if qr["kind"] == "unbiased"
                                  else f" (bias {qr['bias']:.2g}, floor {qr['noise_floor']:.2g})" if qr["stochastic"] else "")
-        xb = "—" if cr is None else (f"{cr['x_bptt']:.2f}" if "x_bptt" in cr else cr["skipped"][:40])
+        xb = "—" if cr is None else (f"{cr['x_bptt']:.2f}" if "x_bptt" in cr else f"skipped ({cr['skipped'][:40]})")
+        if cr is not None and "x_bptt" not in cr and name in timed:
+            xb += f"; {timed[name]['x_bptt']:.2f} at k={timed[name]['k']}"
         mem = "—" if cr is None or "stored_per_example" not in cr else f"{cr['bytes_per_example'] / 1024:.1f} KiB"
         cos = "—" if qr is None else f"{qr['cos']:.4f}" + (f" (mean of seeds {qr['cos_mean']:.3f})" if qr["stochastic"] else "")
         copy = AL.summarize_copy(learn.get("copy", []), name, 1.0) if learn else None
