@@ -97,3 +97,27 @@ def test_apply_pattern_scatter_and_multiply_agree():
         assert np.all(out[:, :, ~M] == 0)
     full = np.ones((10, 10, 2), bool)
     assert apply_pattern(J, full) is J
+
+
+@pytest.mark.parametrize("cell_cls,units,n_in", [(sj.GRUCell, 64, 32), (sj.LSTMCell, 32, 64), (sj.LRUCell, 32, 64)])
+def test_diagonal_gradient_on_large_leaves_equals_the_dense_contraction(x64, cell_cls, units, n_in):
+    """Kernel leaves of at least 2048 floats per example take the matvec form of the diagonal
+    layout's gradient (and m = 2 the shifted block update): equal to ``Σ_b c_b J_b`` on the
+    expanded influence after two steps."""
+    cell = cell_cls(units, param_dtype=F64)
+    rec = sj.as_recurrent(cell)
+    params = rec.init_params(jax.random.key(0), n_in)
+    tracker = sj.online_method("snap1", cell, params).tracker
+    assert tracker.layout == "diag" and tracker.leaf_shapes(1)[tracker.spec.projections[0].name]["kernel"][1] == n_in
+    assert n_in * units * tracker.spec.state_dim >= 2048
+    keys = jax.random.split(jax.random.key(1), 4)
+    m = tracker.spec.state_dim
+    s = 0.5 * jax.random.normal(keys[0], (3, units, m), F64)
+    J = tracker.init(3, F64)
+    for t in range(2):
+        s, J = tracker.step(params, s, J, jax.random.normal(keys[1 + t], (3, n_in), F64))
+    c = jax.random.normal(keys[3], (3, units, m), F64)
+    got = tracker.gradient(J, c)
+    dense = tracker.to_dense(J)
+    want = jax.tree.map(lambda d: jnp.einsum("b...ua,bua->...", d, c), dense)
+    assert tree_rel_err(got, want) < 1e-12

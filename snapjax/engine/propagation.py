@@ -46,6 +46,8 @@ __all__ = ["propagator", "contract_gradient", "decompress_kernels", "apply_patte
 #: pattern is applied by setting those entries to zero in place; a sparser one by a multiply.
 SCATTER_ZEROS = 0.1
 
+_GEMV_MIN = 2048  # floats per example of a diagonal-layout leaf from which the gradient is a matvec
+
 
 def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, precision: Any,
                params: PyTree, jac: StepJacobians) -> Callable:
@@ -175,11 +177,12 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
             return t.sum(0).reshape(shape[1:-2])
         Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
         dlb = jnp.broadcast_to(dl, (batch, spec.units, shape[-2], m)).astype(cdt)
-        if layout == "diag":
+        if layout == "diag" and Jf[0].size >= _GEMV_MIN:
             # Σ_a J[..., a] c[..., a] elementwise over whole arrays, then the batch sum as a
             # matrix-vector product with ones: J is read once in stored order.  The single
             # contraction over (b, a) lowered to a transposing copy of J per leaf (per step,
-            # LRU-256 RTRL 2x and GRU-256 SnAp-1 3x slower on a 2-core CPU).
+            # LRU-256 RTRL 2x and GRU-256 SnAp-1 3x slower on a 2-core CPU); on small leaves
+            # (below _GEMV_MIN floats per example) that copy is cheap and the contraction wins.
             q = sum(Jf[..., c] * dlb[:, None, ..., c] for c in range(m))  # (B, L, U, 1)
             t = jnp.einsum("b,bn->n", jnp.ones((batch,), q.dtype), q.reshape(batch, -1), precision=prec)
             return t.reshape(shape[1:-2])
