@@ -52,6 +52,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 from snapjax.data.text import TextCorpus, char_batches, load_shakespeare  # noqa: E402
+from snapjax.methods import uses_window  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed, published runs (pass --out to rewrite)
 OUT_DIR = Path(__file__).resolve().parent / "out"  # default output: untracked (.gitignore)
@@ -77,7 +78,7 @@ class CharConfig:
     def learner_options(self) -> dict[str, dict]:
         """Extra ``OnlineLearner`` keyword arguments per method name (configuration, looked up
         by name; no method needs code of its own): TBPTT truncates at the window."""
-        return {"tbptt": {"tbptt_window": self.window}}
+        return {m: {"tbptt_window": self.window} for m in self.methods if uses_window(m)}
 
 
 QUICK = dict(

@@ -57,6 +57,7 @@ from snapjax.data.copy_task import (  # noqa: E402
     curriculum_init,
     curriculum_update,
 )
+from snapjax.methods import uses_window  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed, published runs (pass --out to rewrite)
 OUT_DIR = Path(__file__).resolve().parent / "out"  # default output: untracked (.gitignore)
@@ -83,7 +84,7 @@ class CopyConfig:
     def learner_options(self) -> dict[str, dict]:
         """Extra ``OnlineLearner`` keyword arguments per method name (configuration, looked up
         by name; no method needs code of its own)."""
-        return {"tbptt": {"tbptt_window": self.tbptt_window}}
+        return {m: {"tbptt_window": self.tbptt_window} for m in self.methods if uses_window(m)}
 
 
 QUICK = dict(
