@@ -23,7 +23,9 @@ Comparisons (``PEERS.md`` says how to install the peers; without them only snapj
 
   braintrace's own ``nn.GRUCell`` computes ``tanh(W [x, r ⊙ h])`` (reset before the matmul), a
   different cell; so the braintrace model here is the flax maths written with
-  ``braintrace.nn.Linear`` layers (ETP matmuls) on snapjax's parameters.  ``--native-gru`` adds
+  ``braintrace.nn.Linear`` layers (ETP matmuls) on snapjax's parameters.  braintrace runs in its
+  per-example mode (``compile(..., vmap=True)``, its fastest; ``--braintrace-batch-mode`` for the
+  other).  ``--native-gru`` adds
   braintrace's own cell under D_RTRL for reference (no gradient check: other maths).
 * **CTRNN** (FranzKnut/jax_rtrl ``OnlineCTRNNCell(ode_type="murray", plasticity="eprop")``,
   one Euler step ``h' = h + dt (tanh(W [x, h, 1]) − h) / τ`` with ``W`` and ``τ`` learned), input
@@ -36,6 +38,8 @@ Comparisons (``PEERS.md`` says how to install the peers; without them only snapj
   own tests drive it).
 * ``--rtrl`` (optional): exact RTRL on the GRU, snapjax ``"rtrl"`` against braintrace
   ``SnAp(n=2)`` (the all-to-all pattern saturates at order 2: full RTRL within the group).
+* ``--plain-jax`` (optional): SnAp-1 on the GRU written out in plain JAX
+  (:func:`plain_jax_snap1_gru`), timed beside ours as a floor for the engine, not as a peer.
 
 Usage (peers in a separate venv, see ``benchmarks/PEERS.md``)::
 
@@ -54,6 +58,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -157,6 +162,44 @@ def elementwise_d_gradient(params, xs, ys):
     return jax.lax.scan(step, init, (xs, ys))[0][2]
 
 
+def plain_jax_snap1_gru(params, xs, ys):
+    """SnAp-1 on flax's GRU written out in plain JAX (a floor for what XLA makes of the bare
+    recursion; not a peer): gate derivatives ``g_z = (h − n) z (1 − z)``, ``g_n = (1 − z)(1 − n²)``,
+    ``g_r = g_n a_hn r (1 − r)``, ``g_hn = g_n r`` with ``a_hn = h W_hn + b_hn``;
+    ``D = z + g_z W_hz[j,j] + g_r W_hr[j,j] + g_hn W_hn[j,j]``; per kernel ``ε ← D ε + v ⊗ g``
+    (``v`` = ``x`` or ``h``), per bias ``ε ← D ε + g``; ``grad += Σ_b (h' − y) ε``."""
+    p = params
+    diag = {w: jnp.diagonal(p[w]["kernel"]) for w in ("hr", "hz", "hn")}
+
+    def step(carry, xy):
+        h, eps, grad = carry
+        x, y = xy
+        r = jax.nn.sigmoid(x @ p["ir"]["kernel"] + p["ir"]["bias"] + h @ p["hr"]["kernel"])
+        z = jax.nn.sigmoid(x @ p["iz"]["kernel"] + p["iz"]["bias"] + h @ p["hz"]["kernel"])
+        a_hn = h @ p["hn"]["kernel"] + p["hn"]["bias"]
+        n = jnp.tanh(x @ p["in"]["kernel"] + p["in"]["bias"] + r * a_hn)
+        h_new = (1 - z) * n + z * h
+        g_n, g_z = (1 - z) * (1 - n ** 2), (h - n) * z * (1 - z)
+        g_r, g_hn = g_n * a_hn * r * (1 - r), g_n * r
+        D = z + g_z * diag["hz"] + g_r * diag["hr"] + g_hn * diag["hn"]
+        g = {"ir": g_r, "iz": g_z, "in": g_n, "hr": g_r, "hz": g_z, "hn": g_hn}
+        delta = h_new - y
+        new_eps, new_grad = {}, {}
+        for w in p:
+            v = x if w.startswith("i") else h
+            e = {"kernel": D[:, None, :] * eps[w]["kernel"] + v[:, :, None] * g[w][:, None, :]}
+            new_grad[w] = {"kernel": grad[w]["kernel"] + jnp.einsum("bj,bij->ij", delta, e["kernel"])}
+            if "bias" in p[w]:
+                e["bias"] = D * eps[w]["bias"] + g[w]
+                new_grad[w]["bias"] = grad[w]["bias"] + jnp.sum(delta * e["bias"], 0)
+            new_eps[w] = e
+        return (h_new, new_eps, new_grad), None
+
+    B, k = xs.shape[1], p["hr"]["kernel"].shape[0]
+    init = (jnp.zeros((B, k)), jax.tree.map(lambda a: jnp.zeros((B,) + a.shape), p), jax.tree.map(jnp.zeros_like, p))
+    return jax.lax.scan(step, init, (xs, ys))[0][2]
+
+
 # --------------------------------------------------------------------------- braintrace contenders
 if braintrace is not None:
     class FlaxGRU(brainstate.nn.Module):
@@ -187,14 +230,17 @@ if braintrace is not None:
             return h
 
 
-def braintrace_fn(model, algorithm, x0, B: int, **options):
+def braintrace_fn(model, algorithm, x0, B: int, vmap: bool = True, **options):
     """A jitted ``(params, xs, ys) -> grads`` driving ``learner.etrace_grad`` (``reduction='sum'``);
-    ``params`` is ignored (braintrace holds its weights in the model's states).  The learner's
-    hidden state and traces carry over between calls (its API is stateful); the first call
-    starts from zeros, so the first call's gradient is the one checked."""
+    ``params`` is ignored (braintrace holds its weights in the model's states).  ``vmap=True``:
+    ``braintrace.compile(..., vmap=True)``, one example per trace under ``jax.vmap`` (braintrace's
+    per-example mode: 1.4-3.7x faster than its batch mode for D_RTRL / SnAp(n=1) at GRU-64, B = 16,
+    and the only mode where SnAp(n=2) compiles, since batch mode counts the batch axis as positions
+    of the hidden group).  The learner's hidden state and traces carry over between calls (its API
+    is stateful); the first call starts from zeros, so the first call's gradient is the one checked."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learner = braintrace.compile(model, algorithm, x0, batch_size=B, **options)
+        learner = braintrace.compile(model, algorithm, x0, batch_size=B, vmap=vmap, **options)
 
     def step_loss(x, y):
         return _loss(learner(x), y)
@@ -277,7 +323,7 @@ def data(T: int, B: int, n_in: int, k: int, seed: int = 1):
 
 # --------------------------------------------------------------------------- configurations
 def gru_case(k: int, B: int, n_in: int, T: int, repeats: int, use_braintrace: bool, native: bool,
-             method_name: str = "snap1", peer_algorithms=None) -> dict:
+             method_name: str = "snap1", peer_algorithms=None, bt_vmap: bool = True, plain: bool = False) -> dict:
     """GRU: snapjax ``method_name`` against braintrace's algorithms (``peer_algorithms``: label ->
     (class name, options, expected to agree with ours))."""
     cell = sj.GRUCell(k)
@@ -286,10 +332,14 @@ def gru_case(k: int, B: int, n_in: int, T: int, repeats: int, use_braintrace: bo
     ours = f"snapjax {method_name}"
     contenders = {ours: (snapjax_fn(method_name, cell, params, B), (params, xs, ys))}
     checks = {}
+    g_ours = contenders[ours][0](params, xs, ys)
+    if plain:
+        label = "plain-JAX SnAp-1 (written out, not a peer)"
+        contenders[label] = (jax.jit(plain_jax_snap1_gru), (params, xs, ys))
+        checks[label] = {"expected_to_agree": True, **compare(contenders[label][0](params, xs, ys), g_ours)}
     if use_braintrace:
-        g_ours = contenders[ours][0](params, xs, ys)
         for label, (alg, options, same) in (peer_algorithms or {}).items():
-            fn = braintrace_fn(FlaxGRU(params), getattr(braintrace, alg), xs[0], B, **options)
+            fn = braintrace_fn(FlaxGRU(params), getattr(braintrace, alg), xs[0], B, bt_vmap, **options)
             g = braintrace_grads_to_flax(fn(params, xs, ys))  # first call: from zero state and traces
             checks[label] = {"expected_to_agree": same, **compare(g, g_ours)}
             if not same:  # checked against the estimator it does compute, written out here
@@ -300,9 +350,10 @@ def gru_case(k: int, B: int, n_in: int, T: int, repeats: int, use_braintrace: bo
         if native:
             model = braintrace.nn.GRUCell(n_in, k)
             contenders["braintrace D_RTRL (its own nn.GRUCell, other maths)"] = (
-                braintrace_fn(model, braintrace.D_RTRL, xs[0], B), (params, xs, ys))
+                braintrace_fn(model, braintrace.D_RTRL, xs[0], B, bt_vmap), (params, xs, ys))
     timing = time_round_robin(contenders, T, repeats)
     return {"cell": "gru (flax maths)", "units": k, "batch": B, "inputs": n_in, "steps": T, "repeats": repeats,
+            "braintrace_mode": "vmap" if bt_vmap else "batch",
             "ours": ours, "gradient_checks": checks, **timing, "ratios_peer_over_ours": ratios(timing, ours)}
 
 
@@ -338,8 +389,20 @@ SNAP1_PEERS = {
 RTRL_PEERS = {"braintrace SnAp(n=2) (= RTRL)": ("SnAp", {"n": 2}, True)}
 
 
+def _git_state() -> str:
+    """``<commit>`` of the checkout, ``+ uncommitted changes in snapjax/`` when the tree is dirty."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "snapjax"], check=False,
+                               capture_output=True, text=True).stdout.split()
+    except OSError:  # pragma: no cover - no git
+        return "unknown"
+    return head + (" + uncommitted changes in snapjax/: " + " ".join(dirty[1::2]) if dirty else "")
+
+
 def versions() -> dict:
-    v = {"jax": jax.__version__, "snapjax": getattr(sj, "__version__", "?")}
+    v = {"jax": jax.__version__, "snapjax": getattr(sj, "__version__", "?"), "snapjax_git": _git_state()}
     if braintrace is not None:
         v.update(braintrace=braintrace.__version__, brainstate=brainstate.__version__)
     if jax_rtrl is not None:
@@ -372,6 +435,9 @@ def main(argv=None) -> dict:
     p.add_argument("--peers", default="braintrace,jax_rtrl", help="comma list, or 'none'")
     p.add_argument("--native-gru", action="store_true", help="also braintrace's own GRU under D_RTRL")
     p.add_argument("--rtrl", default="", help="GRU sizes for exact RTRL vs braintrace SnAp(n=2), e.g. 32,64")
+    p.add_argument("--braintrace-batch-mode", action="store_true",
+                   help="braintrace.compile(vmap=False): its batch mode (slower; SnAp(n=2) does not compile)")
+    p.add_argument("--plain-jax", action="store_true", help="also SnAp-1 on the GRU written out in plain JAX")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "peers_cpu.json"))
     args = p.parse_args(argv)
@@ -384,21 +450,22 @@ def main(argv=None) -> dict:
     missing = sorted(q for q in peers - {"none", ""} if not {"braintrace": use_bt, "jax_rtrl": use_jr}.get(q))
     if missing:
         print("not installed (see benchmarks/PEERS.md), snapjax side only:", ", ".join(missing), flush=True)
-    load_before = os.getloadavg()
+    load_before, version_info = os.getloadavg(), versions()  # the code that runs: state at the start
     cases = []
     for k in (int(u) for u in args.units.split(",") if u):
         cases.append(gru_case(k, args.batch, args.inputs, args.steps, args.repeats, use_bt, args.native_gru,
-                              "snap1", SNAP1_PEERS))
+                              "snap1", SNAP1_PEERS, not args.braintrace_batch_mode, args.plain_jax))
         print(_summary(cases[-1]), flush=True)
     for k in (int(u) for u in args.ctrnn_units.split(",") if u):
         for B in (int(b) for b in args.ctrnn_batch.split(",") if b):
             cases.append(ctrnn_case(k, B, args.inputs, args.steps, args.repeats, use_jr))
             print(_summary(cases[-1]), flush=True)
     for k in (int(u) for u in args.rtrl.split(",") if u):
-        cases.append(gru_case(k, args.batch, args.inputs, args.steps, args.repeats, use_bt, False, "rtrl", RTRL_PEERS))
+        cases.append(gru_case(k, args.batch, args.inputs, args.steps, args.repeats, use_bt, False, "rtrl", RTRL_PEERS,
+                              not args.braintrace_batch_mode))
         print(_summary(cases[-1]), flush=True)
     result = {"command": " ".join(["python", "benchmarks/peers.py"] + list(sys.argv[1:] if argv is None else argv)),
-              "versions": versions(), "peers_missing": missing, "machine": machine_info(),
+              "versions": version_info, "peers_missing": missing, "machine": machine_info(),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "grad_rtol": GRAD_RTOL, "cases": cases}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -27,14 +27,19 @@ def _loss(h, y):
 
 
 def test_quick_run_snapjax_side(tmp_path):
-    """--quick --peers none: every configuration runs our side, times it, and writes the JSON."""
+    """--quick --peers none: every configuration runs our side, times it, and writes the JSON; the
+    plain-JAX SnAp-1 written out in the benchmark equals ours (float32)."""
     out = tmp_path / "peers.json"
-    res = peers.main(["--quick", "--peers", "none", "--rtrl", "4", "--out", str(out)])
-    assert json.loads(out.read_text())["command"] == "python benchmarks/peers.py --quick --peers none --rtrl 4 --out " + str(out)
+    args = ["--quick", "--peers", "none", "--rtrl", "4", "--plain-jax", "--out", str(out)]
+    res = peers.main(args)
+    assert json.loads(out.read_text())["command"] == " ".join(["python", "benchmarks/peers.py"] + args)
     assert [(c["cell"].split()[0], c["units"], c["ours"]) for c in res["cases"]] == [
         ("gru", 8, "snapjax snap1"), ("ctrnn", 8, "snapjax snap1 (CTRNN CellSpec)"), ("gru", 4, "snapjax rtrl")]
-    for c in res["cases"]:
+    plain = "plain-JAX SnAp-1 (written out, not a peer)"
+    assert res["cases"][0]["gradient_checks"][plain]["agree"] and plain in res["cases"][0]["ratios_peer_over_ours"]
+    for c in res["cases"][1:]:
         assert c["gradient_checks"] == {} and c["ratios_peer_over_ours"] == {}
+    for c in res["cases"]:
         assert len(c["times_us"][c["ours"]]) == 2 and c["us_per_step"][c["ours"]] > 0
     assert res["peers_missing"] == [] and "loadavg_before" in res
 
