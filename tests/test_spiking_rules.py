@@ -267,6 +267,9 @@ class NormRNN(nn.Module):
         h = jnp.tanh(nn.LayerNorm()(nn.Dense(self.features)(x) + carry))
         return h, h
 
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros(input_shape[:-1] + (self.features,))
+
 
 # ------------------------------------------------------------------------------- RFLO
 def _rflo_reference(params, carry, xs, ys, tau):
