@@ -38,6 +38,8 @@ Comparisons (``PEERS.md`` says how to install the peers; without them only snapj
   own tests drive it).
 * ``--rtrl`` (optional): exact RTRL on the GRU, snapjax ``"rtrl"`` against braintrace
   ``SnAp(n=2)`` (the all-to-all pattern saturates at order 2: full RTRL within the group).
+* ``--uoro`` (optional): UORO on the GRU against braintrace's ``UORO`` in its batch mode (its
+  per-example mode does not compile); stochastic estimators, so timed only.
 * ``--plain-jax`` (optional): SnAp-1 on the GRU written out in plain JAX
   (:func:`plain_jax_snap1_gru`), timed beside ours as a floor for the engine, not as a peer.
 
@@ -138,7 +140,8 @@ def snapjax_fn(method_name: str, cell, params, B: int):
     """A jitted ``(params, xs, ys) -> grads``: ``snapjax.online_gradient`` of ``method_name``."""
     rec = sj.as_recurrent(cell)
     method = sj.online_method(method_name, rec, params)
-    return jax.jit(lambda p, xs, ys: sj.online_gradient(method, p, rec.init_carry(B), xs, ys, _loss).grads)
+    key = jax.random.key(42)  # seeds the methods that draw (UORO); the others ignore it
+    return jax.jit(lambda p, xs, ys: sj.online_gradient(method, p, rec.init_carry(B), xs, ys, _loss, key=key).grads)
 
 
 def elementwise_d_gradient(params, xs, ys):
@@ -338,15 +341,18 @@ def gru_case(k: int, B: int, n_in: int, T: int, repeats: int, use_braintrace: bo
         contenders[label] = (jax.jit(plain_jax_snap1_gru), (params, xs, ys))
         checks[label] = {"expected_to_agree": True, **compare(contenders[label][0](params, xs, ys), g_ours)}
     if use_braintrace:
-        for label, (alg, options, same) in (peer_algorithms or {}).items():
-            fn = braintrace_fn(FlaxGRU(params), getattr(braintrace, alg), xs[0], B, bt_vmap, **options)
+        for label, (alg, options, same, *mode) in (peer_algorithms or {}).items():
+            fn = braintrace_fn(FlaxGRU(params), getattr(braintrace, alg), xs[0], B, mode[0] if mode else bt_vmap,
+                               **options)
             g = braintrace_grads_to_flax(fn(params, xs, ys))  # first call: from zero state and traces
+            contenders[label] = (fn, (params, xs, ys))
+            if same is None:  # a stochastic estimator: nothing to compare value by value
+                continue
             checks[label] = {"expected_to_agree": same, **compare(g, g_ours)}
             if not same:  # checked against the estimator it does compute, written out here
                 ref = elementwise_d_gradient(params, xs, ys)
                 checks[label]["vs_elementwise_d_recursion"] = compare({"in": {"kernel": g["in"]["kernel"]}},
                                                                       {"in": {"kernel": ref}})
-            contenders[label] = (fn, (params, xs, ys))
         if native:
             model = braintrace.nn.GRUCell(n_in, k)
             contenders["braintrace D_RTRL (its own nn.GRUCell, other maths)"] = (
@@ -387,6 +393,10 @@ SNAP1_PEERS = {
     "braintrace SnAp(n=1)": ("SnAp", {"n": 1}, True),
 }
 RTRL_PEERS = {"braintrace SnAp(n=2) (= RTRL)": ("SnAp", {"n": 2}, True)}
+# braintrace's per-example UORO (vmap=True) fails to compile ("Cannot interpret 'key<fry>' as a
+# data type"); its batch mode runs, with one rank-1 estimate over the whole batch (the batch axis
+# counts as positions), where ours keeps one per example: timed, not compared value by value.
+UORO_PEERS = {"braintrace UORO (batch mode, one projection for the batch)": ("UORO", {}, None, False)}
 
 
 def _git_state() -> str:
@@ -437,6 +447,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rtrl", default="", help="GRU sizes for exact RTRL vs braintrace SnAp(n=2), e.g. 32,64")
     p.add_argument("--braintrace-batch-mode", action="store_true",
                    help="braintrace.compile(vmap=False): its batch mode (slower; SnAp(n=2) does not compile)")
+    p.add_argument("--uoro", default="", help="GRU sizes for UORO vs braintrace UORO (timing only), e.g. 64,128")
     p.add_argument("--plain-jax", action="store_true", help="also SnAp-1 on the GRU written out in plain JAX")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "peers_cpu.json"))
@@ -463,6 +474,9 @@ def main(argv=None) -> dict:
     for k in (int(u) for u in args.rtrl.split(",") if u):
         cases.append(gru_case(k, args.batch, args.inputs, args.steps, args.repeats, use_bt, False, "rtrl", RTRL_PEERS,
                               not args.braintrace_batch_mode))
+        print(_summary(cases[-1]), flush=True)
+    for k in (int(u) for u in args.uoro.split(",") if u):
+        cases.append(gru_case(k, args.batch, args.inputs, args.steps, args.repeats, use_bt, False, "uoro", UORO_PEERS))
         print(_summary(cases[-1]), flush=True)
     result = {"command": " ".join(["python", "benchmarks/peers.py"] + list(sys.argv[1:] if argv is None else argv)),
               "versions": version_info, "peers_missing": missing, "machine": machine_info(),

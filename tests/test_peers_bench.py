@@ -30,11 +30,12 @@ def test_quick_run_snapjax_side(tmp_path):
     """--quick --peers none: every configuration runs our side, times it, and writes the JSON; the
     plain-JAX SnAp-1 written out in the benchmark equals ours (float32)."""
     out = tmp_path / "peers.json"
-    args = ["--quick", "--peers", "none", "--rtrl", "4", "--plain-jax", "--out", str(out)]
+    args = ["--quick", "--peers", "none", "--rtrl", "4", "--uoro", "4", "--plain-jax", "--out", str(out)]
     res = peers.main(args)
     assert json.loads(out.read_text())["command"] == " ".join(["python", "benchmarks/peers.py"] + args)
     assert [(c["cell"].split()[0], c["units"], c["ours"]) for c in res["cases"]] == [
-        ("gru", 8, "snapjax snap1"), ("ctrnn", 8, "snapjax snap1 (CTRNN CellSpec)"), ("gru", 4, "snapjax rtrl")]
+        ("gru", 8, "snapjax snap1"), ("ctrnn", 8, "snapjax snap1 (CTRNN CellSpec)"), ("gru", 4, "snapjax rtrl"),
+        ("gru", 4, "snapjax uoro")]
     plain = "plain-JAX SnAp-1 (written out, not a peer)"
     assert res["cases"][0]["gradient_checks"][plain]["agree"] and plain in res["cases"][0]["ratios_peer_over_ours"]
     for c in res["cases"][1:]:
@@ -88,8 +89,9 @@ def test_peers_agree_where_expected(tmp_path):
     braintrace's D_RTRL equals the written-out element-wise-D recursion."""
     pytest.importorskip("braintrace")
     pytest.importorskip("jax_rtrl")
-    res = peers.main(["--quick", "--out", str(tmp_path / "p.json")])
+    res = peers.main(["--quick", "--uoro", "4", "--out", str(tmp_path / "p.json")])
     checks = {n: c for case in res["cases"] for n, c in case["gradient_checks"].items()}
+    assert "braintrace UORO (batch mode, one projection for the batch)" in res["cases"][-1]["us_per_step"]
     assert set(checks) == {"braintrace D_RTRL", "braintrace SnAp(n=1)", "jax_rtrl eprop (OnlineCTRNNCell murray)"}
     for name, c in checks.items():
         assert c["agree"] == c["expected_to_agree"], name
