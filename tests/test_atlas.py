@@ -27,18 +27,18 @@ def test_tiny_preset_is_bounded_by_work():
     assert p.quality_ks == (4,)
 
 
-def test_atlas_tiny_end_to_end(tmp_path):
-    data = atlas.run(["--tiny", "--methods", METHODS, "--out", str(tmp_path), "--quiet"])
-    # files and schema
-    names = {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png", "atlas_tiny_learning.png"}
-    assert names <= {f.name for f in tmp_path.iterdir()}
+def _run_tiny(tmp_path, sections):
+    data = atlas.run(["--tiny", "--methods", METHODS, "--sections", sections, "--out", str(tmp_path), "--quiet"])
     saved = json.loads((tmp_path / "atlas_tiny.json").read_text())
     assert saved["command"].startswith("python benchmarks/atlas.py --tiny")
-    assert {"preset", "machine", "rules", "quality", "cost", "learning", "claims", "wall_s"} <= set(saved)
+    assert {"preset", "machine", "rules", "claims", "wall_s"} | set(sections.split(",")) <= set(saved)
     assert saved["command"] in (tmp_path / "atlas_tiny.md").read_text()
     assert [r["status"] for r in saved["rules"]] == ["run"] * 4
-    # gradient quality (k = 4, dense)
-    q = {r["rule"]: r for r in saved["quality"] if r["density"] == 1.0}
+    return data, saved
+
+
+def _check_quality(saved):
+    q = {r["rule"]: r for r in saved["quality"] if r["density"] == 1.0}  # k = 4, dense
     assert abs(q["rtrl"]["cos"] - 1.0) <= 1e-6 and q["rtrl"]["err"] <= 1e-6 and q["rtrl"]["kind"] == "exact"
     assert q["snap4"]["cos"] >= 1.0 - 1e-6 and q["snap4"]["kind"] == "exact"
     assert not q["rtrl"]["stochastic"] and not q["tbptt"]["stochastic"] and q["tbptt"]["period"] == 4
@@ -48,10 +48,27 @@ def test_atlas_tiny_end_to_end(tmp_path):
     assert q["tbptt"]["cos"] < 1.0 - 1e-3 and q["tbptt"]["kind"] == "biased"  # truncation drops the far past
     sparse = [r for r in saved["quality"] if r["density"] < 1.0]
     assert sparse and all(r["rule"] in rules_mod.preset("tiny").sparse_rules for r in sparse)
-    # cost: BPTT and every rule, bytes of state per example
-    cost = {r["method"]: r for r in saved["cost"]["rows"]}
+    return q
+
+
+def test_atlas_tiny_quality_and_cost(tmp_path):
+    """The default suite's run: gradient quality and cost (the learning section is the slow test
+    below; its drivers have their own tiny runs in test_benchmarks.py)."""
+    _, saved = _run_tiny(tmp_path, "quality,cost")
+    assert {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png"} <= {f.name for f in tmp_path.iterdir()}
+    _check_quality(saved)
+    cost = {r["method"]: r for r in saved["cost"]["rows"]}  # BPTT and every rule, bytes per example
     assert cost["bptt"]["x_bptt"] == pytest.approx(1.0)
     assert cost["rtrl"]["bytes_per_example"] == 4 * cost["rtrl"]["stored_per_example"] > 0
+    assert set(cost) >= {"bptt", "rtrl", "snap4", "uoro", "tbptt"}
+
+
+@pytest.mark.slow
+def test_atlas_tiny_end_to_end(tmp_path):
+    data, saved = _run_tiny(tmp_path, "quality,cost,learning")
+    names = {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png", "atlas_tiny_learning.png"}
+    assert names <= {f.name for f in tmp_path.iterdir()}
+    q = _check_quality(saved)
     # learning: fixed budgets reached, every rule and seed
     learn = saved["learning"]
     assert all("error" not in r and not r["hit_time_cap"] for r in learn["copy"] + learn["char"])

@@ -46,8 +46,8 @@ Example (rank 2, flax GRU with 4 units)::
     >>> params = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)))["params"]
     >>> method = build(cell, params, rank=2)
     >>> carry, state = method.init_carry(2), method.init(2, key=jax.random.key(1))
-    >>> carry, state, _ = method.step(params, carry, state, jnp.ones((2, 3)))
-    >>> grads, state = method.gradient(params, state, jnp.ones((2, 4)))
+    >>> carry, state, _ = jax.jit(method.step)(params, carry, state, jnp.ones((2, 3)))
+    >>> grads, state = jax.jit(method.gradient)(params, state, jnp.ones((2, 4)))
     >>> [u.shape for u in state.u], state.A.shape
     ([(2, 2, 8), (2, 2, 8), (2, 2, 4), (2, 2, 5)], (2, 4, 2, 4, 4))
 """
@@ -341,9 +341,10 @@ def build(
         >>> method = build(cell, params, rank=8)
         >>> carry, state = method.init_carry(1), method.init(1, key=jax.random.key(2))
         >>> total = jax.tree.map(jnp.zeros_like, params)
+        >>> step, gradient = jax.jit(method.step), jax.jit(method.gradient)    # compiled once
         >>> for x in xs:
-        ...     carry, state, _ = method.step(params, carry, state, x)
-        ...     g, state = method.gradient(params, state, jnp.ones_like(carry))
+        ...     carry, state, _ = step(params, carry, state, x)
+        ...     g, state = gradient(params, state, jnp.ones_like(carry))
         ...     total = jax.tree.map(jnp.add, total, g)
         >>> def bptt(p):
         ...     h, loss = jnp.zeros((1, 4)), 0.0
