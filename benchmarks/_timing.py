@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import statistics
 import time
 from typing import Any, Callable
@@ -53,3 +55,13 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
+
+
+def write_results(path: str, **payload: Any) -> str:
+    """Write ``{"command": this process's command line, "machine": machine_info(), **payload}``
+    as JSON to ``path`` (its directory made if missing; numpy scalars as floats); returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"command": "python " + " ".join(sys.argv), "machine": machine_info(), **payload}, f, indent=1,
+                  default=float)
+    return path

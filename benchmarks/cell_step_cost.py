@@ -17,7 +17,6 @@ Writes ``--out`` (default ``benchmarks/out/cell_step_cost.json``) with the comma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import machine_info
+from _timing import write_results
 
 import snapjax as sj
 
@@ -88,11 +87,7 @@ def main(argv=None):
             print(f"{c}-{k} B={args.batch}: BPTT {us['bptt']:8.1f} µs/step, SnAp-1 {us['snap1']:8.1f} µs/step "
                   f"(x{r['ratio_snap1_to_bptt']:.1f} BPTT), {r['stored_floats']} floats/example, "
                   f"{r['ns_per_stored_float']:.3f} ns per stored float", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "machine": machine_info(), "results": results}, f,
-                  indent=1, default=float)
-    print("wrote", args.out)
+    print("wrote", write_results(args.out, results=results))
 
 
 if __name__ == "__main__":

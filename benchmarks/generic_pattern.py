@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import machine_info
+from _timing import write_results
 
 import snapjax as sj
 from snapjax.methods.dense import dense_method
@@ -136,11 +135,7 @@ def main(argv=None):
             print(f"  {m:26s} {row['storage']:8s} stored {row['stored']:8d}  median {row['us_per_step']:9.1f} µs/step "
                   f"[{row['spread'][0]:.1f} .. {row['spread'][1]:.1f}]  {row['ns_per_stored_float']:.3f} ns/float  "
                   f"ratio to RTRL {row['ratio_to_rtrl_median']:.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "machine": machine_info(), "results": results,
-                   "numpy": np.__version__}, f, indent=1, default=float)
-    print("wrote", args.out)
+    print("wrote", write_results(args.out, results=results, numpy=np.__version__))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Writes ``--out`` (default ``benchmarks/out/snap_vs_rtrl.json``) with the command
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import machine_info
+from _timing import write_results
 
 import snapjax as sj
 from snapjax.engine.sparsity import random_masks
@@ -109,11 +108,7 @@ def main(argv=None):
             s = row["us_per_step"]
             print(f"  {m:6s} {row['storage']:8s} stored {row['stored']:7d}  median {s['median']:8.1f} µs/step "
                   f"[{s['min']:.1f} .. {s['max']:.1f}]  ratio to RTRL {row['ratio_to_rtrl_median']:.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "machine": machine_info(), "results": results}, f,
-                  indent=1, default=float)
-    print("wrote", args.out)
+    print("wrote", write_results(args.out, results=results))
 
 
 if __name__ == "__main__":

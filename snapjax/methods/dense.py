@@ -196,19 +196,24 @@ class DenseInfluence(OnlineMethod):
         return self.carry.size * self.p if self.layout is None else self.layout[0].num_stored()
 
     # ---------------------------------------------------------------- Jacobians
+    def _example_step(self, unravel, unravel_s, x_b: Array):
+        """``f(θ, s) -> (ravel(new carry), new carry)``: one example's masked cell step."""
+
+        def f(th, s):
+            with matmul_precision(self.precision):
+                new = self.cell.apply(self.masks.apply(unravel(th)), _lead(unravel_s(s)), x_b[None])
+            new = _first(new)
+            return ravel_pytree(new)[0], new
+
+        return f
+
     def _jacobians(self, params: PyTree, carry: PyTree, x: Array):
         """Per example ``(D (B,k,k), I (B,k,p), new carry)``."""
         theta, unravel = ravel_pytree(params)
 
         def one(c_b, x_b):
             s_vec, unravel_s = ravel_pytree(c_b)
-
-            def f(th, s):
-                with matmul_precision(self.precision):
-                    new = self.cell.apply(self.masks.apply(unravel(th)), _lead(unravel_s(s)), x_b[None])
-                new = _first(new)
-                return ravel_pytree(new)[0], new
-
+            f = self._example_step(unravel, unravel_s, x_b)
             (i_mat, d_mat), new = jax.jacrev(f, argnums=(0, 1), has_aux=True)(theta, s_vec)
             return d_mat, i_mat, new
 
@@ -222,13 +227,7 @@ class DenseInfluence(OnlineMethod):
 
         def one(c_b, x_b):
             s_vec, unravel_s = ravel_pytree(c_b)
-
-            def f(th, s):
-                with matmul_precision(self.precision):
-                    new = self.cell.apply(self.masks.apply(unravel(th)), _lead(unravel_s(s)), x_b[None])
-                new = _first(new)
-                return ravel_pytree(new)[0], new
-
+            f = self._example_step(unravel, unravel_s, x_b)
             d_mat, new = jax.jacrev(lambda s: f(theta, s), has_aux=True)(s_vec)
             _, pullback = jax.vjp(lambda th: f(th, s_vec)[0], theta)
             return d_mat, jax.vmap(lambda v: pullback(v.astype(s_vec.dtype))[0])(cot), new
