@@ -262,7 +262,11 @@ def plots(data: dict, p: Any, out: Path) -> list[Path]:
         axes[0].set_xlabel(f"× BPTT per step (k={min(p.cost_ks)}, dense)")
         axes[1].set_xlabel("method state, floats per example")
         for ax in axes:
-            ax.set_xscale("log")
+            xs = [x for c in ax.collections for x, _ in c.get_offsets() if x > 0]
+            if xs:  # a log axis needs positive data (no cost section: the left panel is empty)
+                ax.set_xscale("log")
+            else:
+                ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
             ax.set_ylabel(f"median cosine to RTRL (k={k_q})")
             ax.grid(alpha=0.3)
         axes[1].legend()

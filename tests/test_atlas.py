@@ -51,16 +51,20 @@ def _check_quality(saved):
     return q
 
 
-def test_atlas_tiny_quality_and_cost(tmp_path):
-    """The default suite's run: gradient quality and cost (the learning section is the slow test
-    below; its drivers have their own tiny runs in test_benchmarks.py)."""
-    _, saved = _run_tiny(tmp_path, "quality,cost")
-    assert {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png"} <= {f.name for f in tmp_path.iterdir()}
-    _check_quality(saved)
+def _check_cost(saved):
     cost = {r["method"]: r for r in saved["cost"]["rows"]}  # BPTT and every rule, bytes per example
     assert cost["bptt"]["x_bptt"] == pytest.approx(1.0)
     assert cost["rtrl"]["bytes_per_example"] == 4 * cost["rtrl"]["stored_per_example"] > 0
     assert set(cost) >= {"bptt", "rtrl", "snap4", "uoro", "tbptt"}
+
+
+def test_atlas_tiny_gradient_quality(tmp_path):
+    """The default suite's run: the gradient-quality section (cost and learning are the slow test
+    below; the timing they reuse, roofline.measure, and their training drivers have tiny runs
+    in test_benchmarks.py)."""
+    _, saved = _run_tiny(tmp_path, "quality")
+    assert {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png"} <= {f.name for f in tmp_path.iterdir()}
+    _check_quality(saved)
 
 
 @pytest.mark.slow
@@ -69,6 +73,7 @@ def test_atlas_tiny_end_to_end(tmp_path):
     names = {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png", "atlas_tiny_learning.png"}
     assert names <= {f.name for f in tmp_path.iterdir()}
     q = _check_quality(saved)
+    _check_cost(saved)
     # learning: fixed budgets reached, every rule and seed
     learn = saved["learning"]
     assert all("error" not in r and not r["hit_time_cap"] for r in learn["copy"] + learn["char"])

@@ -345,9 +345,11 @@ def _memory_task(T=300, B=16, lag=1, seed=0):
     return xs, ys
 
 
-@pytest.mark.parametrize("name", ["kfrtrl", "ok"])
+@pytest.mark.parametrize("name", ["kfrtrl", pytest.param("ok", marks=pytest.mark.slow)])
 def test_trains_the_stack_memory_task_through_the_learner(name):
-    """Dense + 2 GRU + MLP head, recall the previous bit; chance is ln 2 = 0.693."""
+    """Dense + 2 GRU + MLP head, recall the previous bit; chance is ln 2 = 0.693.  (OK's
+    estimator is checked fast by its z-test and its full-rank == RTRL test; its learning run,
+    the same learner path as KF-RTRL's, is in the slow suite.)"""
     learner = sj.OnlineLearner([nn.Dense(8), nn.GRUCell(16), nn.GRUCell(16), nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(2)])],
                                method=name, optimizer=optax.adam(1e-2))
     state = learner.init(jax.random.key(1), batch_size=16, input_size=1)
