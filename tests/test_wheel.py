@@ -113,7 +113,8 @@ def _probe_notebook(path: Path) -> None:
 
 
 def test_notebooks_run_from_the_wheel(venv_python: Path, tmp_path: Path):
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_what_snap_keeps", "03_copy_task", "04_activity_sparsity"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_what_snap_keeps", "03_copy_task", "04_activity_sparsity",
+                                         "05_streaming"]
     work = tmp_path / "notebooks"
     work.mkdir()
     _probe_notebook(work / "00_probe.ipynb")
