@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -40,6 +40,22 @@ def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 1, repeats: int = 
         "times_s": times,
         "compile_s": compile_s,
     }
+
+
+def round_robin(calls: dict[str, Callable[[], Any]], repeats: int, scale: float = 1.0) -> dict[str, list[float]]:
+    """Time several jitted calls side by side: each zero-argument ``calls[name]`` runs once
+    untimed (compilation), then ``repeats`` rounds call every one in turn (so a load drift hits
+    all alike), each ended with ``jax.block_until_ready``.  Returns ``{name: [elapsed seconds ×
+    scale per round]}`` (e.g. ``scale = 1e6 / T`` for µs per step of a ``T``-step call)."""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append((time.perf_counter() - t0) * scale)
+    return times
 
 
 def machine_info() -> dict:

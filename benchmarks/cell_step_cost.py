@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import write_results
+from _timing import round_robin, write_results
 
 import snapjax as sj
 
@@ -50,14 +49,7 @@ def measure(cell_name, k, n_in, B, T, repeats):
         "bptt": jax.jit(lambda p, xs: sj.bptt_gradient(rec, p, rec.init_carry(B), xs, ys, _loss).grads),
         "snap1": jax.jit(lambda p, xs: sj.online_gradient(method, p, rec.init_carry(B), xs, ys, _loss).grads),
     }
-    for f in fns.values():
-        jax.block_until_ready(f(params, xs))
-    times = {m: [] for m in fns}
-    for _ in range(repeats):
-        for m, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(params, xs))
-            times[m].append((time.perf_counter() - t0) / T * 1e6)
+    times = round_robin({m: (lambda f=f: f(params, xs)) for m, f in fns.items()}, repeats, 1e6 / T)
     ratios = [a / b for a, b in zip(times["snap1"], times["bptt"])]
     med = {m: statistics.median(t) for m, t in times.items()}
     return {"cell": cell_name, "units": k, "inputs": n_in, "batch": B, "T": T, "repeats": repeats,

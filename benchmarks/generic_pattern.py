@@ -29,7 +29,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -39,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import write_results
+from _timing import round_robin, write_results
 
 import snapjax as sj
 from snapjax.methods.dense import dense_method
@@ -99,14 +98,7 @@ def measure(units, n_in, B, T, repeats):
     methods["gru-generic-snap1-pattern"] = (dense_method(generic, fparams, n=1, input_size=n_in), fparams)
     xs = jax.random.normal(jax.random.key(1), (T, B, n_in))
     fns = {m: _runner(meth, p, B, T) for m, (meth, p) in methods.items()}
-    for m, f in fns.items():
-        jax.block_until_ready(f(methods[m][1], xs))
-    times = {m: [] for m in fns}
-    for _ in range(repeats):
-        for m, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(methods[m][1], xs))
-            times[m].append((time.perf_counter() - t0) / T * 1e6)
+    times = round_robin({m: (lambda f=f, p=methods[m][1]: f(p, xs)) for m, f in fns.items()}, repeats, 1e6 / T)
     rows = {}
     for m, (meth, _) in methods.items():
         med = statistics.median(times[m])

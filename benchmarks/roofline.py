@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _common import markdown_table, write_json
-from _timing import machine_info
+from _timing import machine_info, round_robin
 
 import snapjax as sj
 
@@ -61,10 +61,8 @@ CELLS = {
 
 
 def init_params(cell):
-    """Parameters for inputs of size ``N_IN``: ``CellSpec.init`` or the flax module's ``init``."""
-    if isinstance(cell, sj.CellSpec):
-        return cell.init(jax.random.key(0), N_IN)
-    return cell.init(jax.random.key(0), sj.as_recurrent(cell).init_carry(1), jnp.zeros((1, N_IN)))["params"]
+    """Parameters for inputs of size ``N_IN`` (:meth:`snapjax.Recurrent.init_params`)."""
+    return sj.as_recurrent(cell).init_params(jax.random.key(0), N_IN)
 
 
 def _loss(h, y):
@@ -152,14 +150,8 @@ def measure(cell_name: str, k: int, B: int, T: int, repeats: int, methods: list[
     out_size = int(np.shape(rec.output(rec.init_carry(1)))[-1])  # the loss is on the cell's output
     ys = jnp.asarray(rng.standard_normal((T, B, out_size)), jnp.float32)
     fns, skipped = runners(cell, params, B, T, methods, max_state_mb, options)
-    for run, _, _ in fns.values():  # compile everything before any timing
-        jax.block_until_ready(run(params, xs, ys))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):  # round-robin: every method sees the same machine state
-        for name, (run, _, _) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(params, xs, ys))
-            times[name].append((time.perf_counter() - t0) / T)
+    times = round_robin({name: (lambda run=run: run(params, xs, ys)) for name, (run, _, _) in fns.items()},
+                        repeats, 1.0 / T)  # seconds per step, every method beside the others
     bptt_s = statistics.median(times["bptt"])
     p = sum(int(a.size) for a in jax.tree.leaves(params))
     rows = []

@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import write_results
+from _timing import round_robin, write_results
 
 import snapjax as sj
 from snapjax.engine.sparsity import random_masks
@@ -73,14 +72,7 @@ def measure(name, units, n_in, B, density, T, repeats):
     xs = jax.random.normal(jax.random.key(1), (T, B, n_in))
     methods = {m: sj.online_method(m, cell, params, masks=masks) for m in METHODS}
     fns = {m: _runner(meth, B, T) for m, meth in methods.items()}
-    for f in fns.values():
-        jax.block_until_ready(f(params, xs))
-    times = {m: [] for m in fns}
-    for _ in range(repeats):
-        for m, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(params, xs))
-            times[m].append((time.perf_counter() - t0) / T * 1e6)
+    times = round_robin({m: (lambda f=f: f(params, xs)) for m, f in fns.items()}, repeats, 1e6 / T)
     rows = {}
     for m, meth in methods.items():
         ratios = [a / b for a, b in zip(times[m], times["rtrl"])]
