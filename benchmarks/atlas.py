@@ -20,7 +20,9 @@ The gradient column of the table is *measured*: ``exact`` (median cosine â‰¥ 1 â
 
 Outputs in ``--out`` (default ``benchmarks/out``, untracked): ``atlas_<preset>.json`` (command,
 machine, preset, every row), ``atlas_<preset>.md`` (the table and the claims),
-``atlas_<preset>_quality.png`` (cosine vs cost) and ``atlas_<preset>_learning.png``.  Usage::
+``atlas_<preset>_quality.png`` (cosine vs cost) and ``atlas_<preset>_learning.png``.  Each section
+is saved to ``atlas_<preset>.partial.json`` as it finishes (removed at the end), so ``--resume``
+reruns only what an interrupted run had not finished.  Usage::
 
     python benchmarks/atlas.py --tiny                                  # seconds (the test)
     python benchmarks/atlas.py --medium --out benchmarks/results/      # ~2 h on 2 CPU cores
@@ -36,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", default=None, help="comma list of rules (default: every registered method)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {list(SECTIONS)}")
     ap.add_argument("--out", default=str(OUT_DIR), help="output directory (default benchmarks/out)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the sections already saved in <out>/atlas_<preset>.partial.json by an interrupted "
+                         "run of the same preset and rules (each section is saved there as it finishes)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     args.preset = args.preset or "tiny"
@@ -95,19 +101,20 @@ def run(argv: list[str] | None = None, corpus=None) -> dict:
             log(f"{r['rule']}: {r['why']}")
     data: dict = {"command": command, "preset": p.describe(), "machine": machine_info(), "sections": sections,
                   "rules": rules}
-    timings = {}
-    if "quality" in sections:
+    partial = out / f"atlas_{p.name}.partial.json"
+    saved = _resumable(partial, data) if args.resume else {}
+    timings = dict(saved.get("section_wall_s", {}))
+    runners = {"quality": lambda: AQ.run_quality(rules, p, log), "cost": lambda: AL.run_cost(rules, p, log),
+               "learning": lambda: AL.run_learning(rules, p, log, corpus=corpus)}
+    for section in sections:
+        if section in saved:
+            data[section] = saved[section]
+            log(f"{section}: reused from {partial}")
+            continue
         t = time.perf_counter()
-        data["quality"] = AQ.run_quality(rules, p, log)
-        timings["quality"] = time.perf_counter() - t
-    if "cost" in sections:
-        t = time.perf_counter()
-        data["cost"] = AL.run_cost(rules, p, log)
-        timings["cost"] = time.perf_counter() - t
-    if "learning" in sections:
-        t = time.perf_counter()
-        data["learning"] = AL.run_learning(rules, p, log, corpus=corpus)
-        timings["learning"] = time.perf_counter() - t
+        data[section] = runners[section]()
+        timings[section] = time.perf_counter() - t
+        write_json(partial, data | {"section_wall_s": timings})
     data["claims"] = AR.claims(data, p)
     data["section_wall_s"] = timings
     data["wall_s"] = time.perf_counter() - t0
@@ -115,11 +122,24 @@ def run(argv: list[str] | None = None, corpus=None) -> dict:
     data["files"]["plots"] = [q.name for q in AR.plots(data, p, out)]
     (out / f"atlas_{p.name}.md").write_text(AR.markdown(data, p))
     write_json(out / f"atlas_{p.name}.json", data)
+    partial.unlink(missing_ok=True)
     for key, c in data["claims"].items():
         log(f"claim ({key}) {c['claim']}: {c['verdict']}")
     log(f"wrote {out / data['files']['json']}, {data['files']['md']}, {', '.join(data['files']['plots'])} "
         f"in {data['wall_s']:.0f} s")
     return data
+
+
+def _resumable(partial: Path, data: dict) -> dict:
+    """The sections saved in ``partial`` if it was written by a run of the same preset and rules."""
+    if not partial.exists():
+        return {}
+    saved = json.loads(partial.read_text())
+    now = json.loads(json.dumps({"preset": data["preset"], "rules": data["rules"]}))  # tuples as JSON lists
+    if saved.get("preset") != now["preset"] or saved.get("rules") != now["rules"]:
+        raise ValueError(f"{partial} was written by a run with another preset or other rules; "
+                         "remove it or run without --resume")
+    return {k: v for k, v in saved.items() if k in SECTIONS or k == "section_wall_s"}
 
 
 if __name__ == "__main__":

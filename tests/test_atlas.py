@@ -64,7 +64,29 @@ def test_atlas_tiny_gradient_quality(tmp_path):
     in test_benchmarks.py)."""
     _, saved = _run_tiny(tmp_path, "quality")
     assert {"atlas_tiny.json", "atlas_tiny.md", "atlas_tiny_quality.png"} <= {f.name for f in tmp_path.iterdir()}
+    assert not (tmp_path / "atlas_tiny.partial.json").exists()  # removed once the run is complete
     _check_quality(saved)
+
+
+def test_atlas_resume_reuses_saved_sections(tmp_path, monkeypatch):
+    """``--resume`` takes a section from the partial file instead of rerunning it, and refuses a
+    partial file written with other rules."""
+    quality = importlib.import_module("_atlas_quality")
+    args = ["--tiny", "--methods", "rtrl", "--sections", "quality", "--out", str(tmp_path), "--quiet"]
+    first = atlas.run(args)
+    partial = tmp_path / "atlas_tiny.partial.json"
+    partial.write_text((tmp_path / "atlas_tiny.json").read_text())  # as if interrupted after quality
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a saved section was rerun")
+
+    monkeypatch.setattr(quality, "run_quality", must_not_run)
+    again = atlas.run(args + ["--resume"])
+    assert json.loads(json.dumps(again["quality"])) == json.loads(json.dumps(first["quality"]))
+    assert not partial.exists()
+    partial.write_text((tmp_path / "atlas_tiny.json").read_text())
+    with pytest.raises(ValueError, match="another preset or other rules"):
+        atlas.run(["--tiny", "--methods", "rtrl,uoro", "--sections", "quality", "--out", str(tmp_path), "--resume"])
 
 
 @pytest.mark.slow
