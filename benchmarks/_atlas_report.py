@@ -177,8 +177,14 @@ def markdown(data: dict, p: Any) -> str:
     k_c = sorted(p.cost_ks)[len(p.cost_ks) // 2]
     head = [f"# Atlas of online rules ({p.name})", "", f"`{data['command']}`", "",
             (f"Machine: {data['machine'].get('processor')} ({data['machine'].get('sched_cpus')} CPUs), "
-             f"jax {data['machine'].get('jax_version')}, {data['machine'].get('backend')}. "
-             f"Wall time {data.get('wall_s', float('nan')):.0f} s. Sections: {', '.join(data['sections'])}."), ""]
+             f"jax {data['machine'].get('jax_version')}, {data['machine'].get('backend')}, commit "
+             f"{data['machine'].get('commit')}. Wall time {data.get('wall_s', float('nan')):.0f} s. "
+             f"Sections: {', '.join(data['sections'])}."), ""]
+    here = {"command": data["command"], "commit": data["machine"].get("commit")}
+    for section, src in data.get("section_sources", {}).items():
+        if src != here:  # reused by --resume from an earlier run
+            head += [f"Section **{section}** comes from an earlier run: `{src.get('command')}` at commit "
+                     f"{src.get('commit') or 'unrecorded'}.", ""]
     cols = ["rule", "gradient (measured)", f"× BPTT (k={k_c})", f"state/example (k={k_c})",
             f"cosine to RTRL (k={k_q}, median)", "copy final L", "char LM val bpc"]
     rows = [r if len(r) == len(cols) else r[:2] + [""] * (len(cols) - 2) for r in atlas_rows(data, p)]

@@ -106,15 +106,20 @@ def run(argv: list[str] | None = None, corpus=None) -> dict:
     timings = dict(saved.get("section_wall_s", {}))
     runners = {"quality": lambda: AQ.run_quality(rules, p, log), "cost": lambda: AL.run_cost(rules, p, log),
                "learning": lambda: AL.run_learning(rules, p, log, corpus=corpus)}
+    here = {"command": command, "commit": data["machine"].get("commit")}
+    sources = {}  # section -> the run that measured it (an earlier one for a reused section)
     for section in sections:
         if section in saved:
             data[section] = saved[section]
+            sources[section] = saved["section_sources"].get(section, {})
             log(f"{section}: reused from {partial}")
             continue
         t = time.perf_counter()
         data[section] = runners[section]()
         timings[section] = time.perf_counter() - t
-        write_json(partial, data | {"section_wall_s": timings})
+        sources[section] = here
+        write_json(partial, data | {"section_wall_s": timings, "section_sources": sources})
+    data["section_sources"] = sources
     data["claims"] = AR.claims(data, p)
     data["section_wall_s"] = timings
     data["wall_s"] = time.perf_counter() - t0
@@ -139,7 +144,10 @@ def _resumable(partial: Path, data: dict) -> dict:
     if saved.get("preset") != now["preset"] or saved.get("rules") != now["rules"]:
         raise ValueError(f"{partial} was written by a run with another preset or other rules; "
                          "remove it or run without --resume")
-    return {k: v for k, v in saved.items() if k in SECTIONS or k == "section_wall_s"}
+    out = {k: v for k, v in saved.items() if k in SECTIONS or k == "section_wall_s"}
+    earlier = {"command": saved.get("command"), "commit": saved.get("machine", {}).get("commit")}
+    out["section_sources"] = {k: saved.get("section_sources", {}).get(k, earlier) for k in SECTIONS}
+    return out
 
 
 if __name__ == "__main__":

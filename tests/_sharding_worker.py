@@ -10,6 +10,7 @@ the single-device learner to 1e-10 (float64), with every leaf split as declared:
   (``param_axis``), each device holding exactly 1/8 of the influence bytes;
 * ``both``: a 2-D mesh ``("batch", "model")`` of 2 × 4.
 
+``lowlevel[/M1,M2...]:LAYOUT`` runs :func:`snapjax.online_gradient` instead (``run_lowlevel``).
 Prints ``OK <case>:<layout> <worst relative difference>`` per case.
 """
 
@@ -161,11 +162,17 @@ def run_case(spec: str) -> None:
     print("OK", spec, worst, flush=True)
 
 
+LOWLEVEL = ("rtrl", "snap1", "snap2", "uoro", "tbptt")
+
+
 def run_lowlevel(spec: str) -> None:
-    """``lowlevel:LAYOUT``: :func:`snapjax.online_gradient` with ``batch_axis`` / ``param_axis``
-    on the context mesh (Explicit and Auto) equals the one-device gradient for rtrl, snap1,
-    sparse snap2, uoro and tbptt, with the final method state split as declared."""
-    _, _, layout = spec.partition(":")
+    """``lowlevel[/M1,M2...]:LAYOUT``: :func:`snapjax.online_gradient` with ``batch_axis`` /
+    ``param_axis`` on the context mesh (Explicit and Auto) equals the one-device gradient for
+    rtrl, snap1, sparse snap2, uoro and tbptt (or the methods listed), with the final method
+    state split as declared."""
+    head, _, layout = spec.partition(":")
+    chosen = head.partition("/")[2].split(",") if "/" in head else list(LOWLEVEL)
+    assert set(chosen) <= set(LOWLEVEL), chosen
     shape, names, batch_axis, param_axis = LAYOUTS[layout]
     cell = sj.GRUCell(UNITS, param_dtype=jnp.float64)
     params = cell.init(jax.random.key(3), jnp.zeros((1, UNITS)), jnp.zeros((1, N_IN)))["params"]
@@ -177,7 +184,9 @@ def run_lowlevel(spec: str) -> None:
         return jnp.sum((y - t) ** 2)
 
     worst = 0.0
-    for name, kw in [("rtrl", {}), ("snap1", {}), ("snap2", {"masks": masks}), ("uoro", {}), ("tbptt", {"window": 3})]:
+    options = {"rtrl": {}, "snap1": {}, "snap2": {"masks": masks}, "uoro": {}, "tbptt": {"window": 3}}
+    for name in chosen:
+        kw = options[name]
         method = sj.online_method(name, cell, params, **kw)
         state = method.init(B, jnp.float64, key=jax.random.key(1))
         ref = jax.jit(lambda p, s: sj.online_gradient(method, p, None, xs, ys, loss, s))(params, state)
@@ -203,5 +212,5 @@ if __name__ == "__main__":
     assert len(jax.devices()) == D, jax.devices()
     for c in sys.argv[1:]:
         t0 = time.perf_counter()
-        (run_lowlevel if c.startswith("lowlevel:") else run_case)(c)
+        (run_lowlevel if c.startswith("lowlevel") else run_case)(c)
         print(f"time {c} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -40,3 +40,13 @@ def random_masks(rng: np.random.Generator, spec, params, density: float) -> dict
     return {
         p.name: rng.random(np.shape(params[p.name]["kernel"])) < density for p in spec.projections
     }
+
+
+# Tests that run their work in subprocesses (forced host devices, several processes) are the
+# suite's longest single items. Under ``pytest -n 2`` they are handed out first, so each xdist
+# worker starts on one of them instead of one worker finishing a 30-second item alone at the end.
+SUBPROCESS_MODULES = ("test_sharding.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SUBPROCESS_MODULES)  # stable: False first

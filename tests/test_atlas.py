@@ -83,6 +83,8 @@ def test_atlas_resume_reuses_saved_sections(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "run_quality", must_not_run)
     again = atlas.run(args + ["--resume"])
     assert json.loads(json.dumps(again["quality"])) == json.loads(json.dumps(first["quality"]))
+    assert again["section_sources"]["quality"]["command"] == first["command"]  # where it was measured
+    assert f"Section **quality** comes from an earlier run: `{first['command']}`" in (tmp_path / "atlas_tiny.md").read_text()
     assert not partial.exists()
     partial.write_text((tmp_path / "atlas_tiny.json").read_text())
     with pytest.raises(ValueError, match="another preset or other rules"):

@@ -5,8 +5,8 @@ A state trained ``T1`` steps on a 4-device mesh spanning both processes is saved
 ``T2`` more steps (continued), restored into a fresh template and trained the same ``T2``
 steps (resumed): continued and resumed are bit-identical, and both equal a single-process,
 single-device run of the ``T1 + T2`` steps (float64, 1e-10 relative; only the order of the
-batch sums differs).  Cases (``_distributed_worker.CASES``): RTRL batch-parallel on a (4,)
-mesh and on a (2, 2) mesh ("batch", "model") with the influence split over "model"; SnAp-1
+batch sums differs).  Cases (``_distributed_worker.CASES``): RTRL on a (2, 2) mesh ("batch",
+"model") with the influence split over "model"; RTRL and SnAp-1 batch-parallel on a (4,) mesh
 (slow).  The checks of :func:`save_sharded` / :func:`restore_sharded` run in this process.  Devices and
 processes must be set up before jax starts, so the work runs in subprocesses;
 ``--xla_backend_optimization_level=0`` only shortens XLA:CPU compilation (every run uses it).
@@ -111,13 +111,15 @@ def _two_processes(tmp_path, cases) -> None:
 
 
 def test_two_processes_train_checkpoint_resume(tmp_path):
-    # RTRL batch-parallel on a (4,) mesh and on a (2, 2) mesh with the influence split over "model"
-    _two_processes(tmp_path, ("rtrl-batch", "rtrl-batch-model"))
+    # RTRL on a (2, 2) mesh spanning both processes: the examples split over "batch" and the
+    # influence over "model" (the batch-only (4,) mesh is in the slow test below)
+    _two_processes(tmp_path, ("rtrl-batch-model",))
 
 
 @pytest.mark.slow
-def test_two_processes_snap1(tmp_path):
-    _two_processes(tmp_path, ("snap1-batch",))
+def test_two_processes_batch_only_and_snap1(tmp_path):
+    # RTRL and SnAp-1 batch-parallel on a (4,) mesh
+    _two_processes(tmp_path, ("rtrl-batch", "snap1-batch"))
 
 
 def test_roundtrip_on_four_devices(tmp_path):

@@ -36,15 +36,17 @@ def _worker(*cases: str) -> str:
 
 def test_batch_and_parameter_sharded_equal_single_device():
     # the 2-D mesh: the learner on a stack of per-step SnAp-1, RTRL and sparse SnAp-2 layers, and
-    # the low-level online_gradient for rtrl, snap1, sparse snap2, UORO (signs drawn the same on
-    # every device, see snapjax.parallel.sharding) and truncated BPTT (windows: batch axis 1)
-    _worker("stack:both", "lowlevel:both")
+    # the low-level online_gradient for the two methods the stack does not hold: UORO (signs
+    # drawn the same on every device, see snapjax.parallel.sharding) and truncated BPTT
+    # (windows: batch axis 1)
+    _worker("stack:both", "lowlevel/uoro,tbptt:both")
 
 
 @pytest.mark.slow
 def test_each_layout_and_method():
-    # the learner-level UORO and truncated BPTT on the 2-D mesh, and every case on the 1-D meshes
-    _worker("uoro:both", "tbptt:both",
+    # the learner-level UORO and truncated BPTT and the low-level rtrl, snap1 and sparse snap2 on
+    # the 2-D mesh, and every case on the 1-D meshes
+    _worker("uoro:both", "tbptt:both", "lowlevel/rtrl,snap1,snap2:both",
             *(f"{case}:{layout}" for layout in ("batch", "param") for case in ("stack", "uoro", "tbptt")),
             *(f"{case}:{layout}" for layout in ("batch", "param", "both") for case in ("rtrl", "snap1", "snap2", "chunked")),
             "lowlevel:batch", "lowlevel:param")
