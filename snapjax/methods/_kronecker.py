@@ -25,8 +25,9 @@ Unit parameters ``θᵘ_q`` (e.g. EGRU thresholds, LRU's ν, θ) have a one-entr
 
 ``D_t`` is built densely per example (``k × k``) from the recurrent kernels and the unit-wise
 partials, ``D[(u,a),(v,c)] = δ_uv ∂φ_{u,a}/∂s_{u,c} + δ_{c,readout} Σ_{p∈state}
-∂φ_{u,a}/∂a_{p,u} (W_p ⊙ M_p)[v, u]``; the partials come from one ``jax.linearize`` of ``φ``
-evaluated on all-ones tangents (valid because ``φ`` acts unit by unit).
+∂φ_{u,a}/∂a_{p,u} (W_p ⊙ M_p)[v, u]``; the partials come from
+:func:`snapjax.engine.jacobians.step_jacobians` (one JVP of ``φ`` per input along all-ones
+tangents, valid because ``φ`` acts unit by unit).
 
 Masked kernel entries get zero gradient: the factors estimate the influence of *every* entry
 of ``W_p`` in the masked network (columns of ``J`` evolve independently, so each unmasked
@@ -43,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from snapjax.cells import CellSpec, masked_kernel, preactivations
+from snapjax.cells import CellSpec, masked_kernel
+from snapjax.engine.jacobians import step_jacobians
 from snapjax.engine.verify import verify_spec
 from snapjax.methods.base import check_batch_size, typed_key
 
@@ -221,21 +223,9 @@ class KroneckerLayout:
         """Forward one step; returns ``(new_state, D (B,k,k), vs [(B,n_g)], Δ (B,G,k,U), Δᵘ (B,Q,k,U))``."""
         spec, prec = self.spec, self.precision
         h = spec.output(s)
-        pre = preactivations(spec, params, h, x, self.masks or None, prec)
-        unit = {q: params[q] for q in spec.unit_params}
-        new_s, lin = jax.linearize(spec.phi, pre, unit, s)
-
-        names = [p.name for p in spec.projections]
-        zp = {k: jnp.zeros_like(v) for k, v in pre.items()}
-        zu = {k: jnp.zeros_like(v) for k, v in unit.items()}
-        zs = jnp.zeros_like(s)
-        basis = [({**zp, n: jnp.ones_like(pre[n])}, zu, zs) for n in names]
-        basis += [(zp, {**zu, q: jnp.ones_like(unit[q])}, zs) for q in spec.unit_params]
-        basis += [(zp, zu, zs.at[..., c].set(1.0)) for c in range(spec.state_dim)]
-        outs = jax.vmap(lin)(*jax.tree.map(lambda *a: jnp.stack(a), *basis))  # (P+Q+m, B, U, m)
-        outs = jnp.moveaxis(outs, 0, -1).astype(dtype)  # (B, U, m, P+Q+m)
-        n_p, n_q = len(names), self.n_unit
-        dpre, dunit, dstate = outs[..., :n_p], outs[..., n_p:n_p + n_q], outs[..., n_p + n_q:]
+        jac = step_jacobians(spec, params, s, x, self.masks or None, prec)
+        new_s, names, n_q = jac.new_state, [p.name for p in spec.projections], self.n_unit
+        dpre, dunit, dstate = (a.astype(dtype) for a in (jac.dphi_pre, jac.dphi_unit, jac.dphi_state))
 
         B, U = s.shape[0], s.shape[1]
         eye = jnp.eye(U, dtype=dtype)

@@ -16,8 +16,8 @@ with ``c_t = ∂L_t/∂s_t`` and ``diag(D_t)_i = ∂φ_i/∂s_i + Σ_{p: state} 
 M_p)[i,i]`` (the full diagonal of ``∂s_t/∂s_{t-1}``, as SnAp-1).  ``ε_x`` depends only on the
 source, so one is kept per source (``"input"``, ``"state"``).  Biases and per-unit parameters
 keep D-RTRL's plain diagonal trace ``e ← diag(D_t) ∘ e + ∂s_t/∂b`` (one float per unit).  All
-diagonals come from one ``jax.linearize`` of ``spec.phi`` applied to all-ones tangents (``φ``
-acts unit by unit, so each such JVP is the diagonal).
+diagonals come from :func:`snapjax.engine.jacobians.step_jacobians` (one JVP of ``spec.phi``
+per input along all-ones tangents: ``φ`` acts unit by unit, so each such JVP is the diagonal).
 
 * shapes: state ``eps_x {source: (B, n)}``, ``eps_f {projection: (B, units)}``, ``bias
   {projection: (B, units)}``, ``unit {name: (B, units)}``, all batch axis 0.
@@ -70,8 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax.cells import preactivations
 from snapjax.cells.recurrent import Recurrent
+from snapjax.engine.jacobians import step_jacobians
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
 from snapjax.methods.generic_support import ParamMasks, check_precision, param_masks
 from snapjax.methods.registry import register_method
@@ -156,18 +156,14 @@ class ESDRTRL(OnlineMethod):
     def _diagonals(self, params: PyTree, h: Array, x: Array):
         """New ``h``, ``diag(D_t)`` and ``{p: ∂s/∂a_p}``, ``{q: ∂s/∂θᵘ_q}``, each ``(B, units)``."""
         spec = self._spec
-        pre = preactivations(spec, params, h, x, None, self.precision)
-        unit = {q: params[q] for q in spec.unit_params}
-        s = h[..., None]
-        new_h, lin = jax.linearize(lambda a, u, s_: spec.phi(a, u, s_)[..., 0], pre, unit, s)
-        zp, zu, zs = (jax.tree.map(jnp.zeros_like, t) for t in (pre, unit, s))
-        d_a = {n: lin({**zp, n: jnp.ones_like(a)}, zu, zs) for n, a in pre.items()}
-        d_u = {q: lin(zp, {**zu, q: jnp.ones_like(u)}, zs) for q, u in unit.items()}
-        diag_d = lin(zp, zu, jnp.ones_like(s))
+        jac = step_jacobians(spec, params, h[..., None], x, None, self.precision)
+        d_a = {p.name: jac.dphi_pre[..., 0, j] for j, p in enumerate(spec.projections)}
+        d_u = {q: jac.dphi_unit[..., 0, j] for j, q in enumerate(spec.unit_params)}
+        diag_d = jac.dphi_state[..., 0, 0]
         for p in spec.projections:
             if p.source == "state":
                 diag_d = diag_d + d_a[p.name] * jnp.diagonal(params[p.name]["kernel"])
-        return new_h, diag_d, d_a, d_u
+        return jac.new_state[..., 0], diag_d, d_a, d_u
 
     def step(self, params: PyTree, carry: PyTree, state: ESDState, x: Array) -> StepResult:
         spec = self._spec
