@@ -189,19 +189,20 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
     grads = jax.tree.map(contract, influence)
     return decompress_kernels(spec, kernels, grads)
 
+
 def diag_batch_sum(J: Array, c: Array, precision: Any = None) -> Array:
     """``Σ_b Σ_a J[b, ..., a] c[b, ..., a]`` (``J (B, L, U, 1, m)``, ``c`` broadcastable to it;
     returns ``(L, U, 1)``): the diagonal layout's gradient contraction.
 
     Written as sums of per-example products over whole arrays, unrolled over groups of
     :data:`BATCH_UNROLL` examples: XLA fuses each group into one elementwise pass that reads
-    ``J`` once, in stored order, together with the step that produced it; more than
-    ``2 · BATCH_UNROLL`` examples leave one partial sum per group, added by a matrix-vector
-    product with ones.  On a 2-core CPU (GRU SnAp-1, B = 16) the batch sum as one matrix-vector
-    product over a materialised ``J ⊙ c`` took 2.5x (k = 64) to 3x (k = 256) longer, a
-    reduction over the batch axis 10x, and a single contraction over ``(b, a)`` (a transposing
-    copy of ``J``) up to 11x (``benchmarks/peers.py --plain-jax``).  The batch axis is always
-    local here (many devices split it with ``shard_map``), so the slices stay on their device.
+    ``J`` once, in stored order; more than ``2 · BATCH_UNROLL`` examples leave one partial sum
+    per group, added by a matrix-vector product with ones.  Timed alone inside a ``lax.scan``
+    (an update and this contraction per step, B = 16, a loaded 2-core CPU), the alternatives
+    took longer: the batch sum as a matrix-vector product over a materialised ``J ⊙ c`` 2.5x
+    (k = 64) to 3.1x (k = 256), a reduction over the batch axis 7-12x, and one contraction over
+    ``(b, a)`` (XLA makes a transposing copy of ``J``) 3-11x.  The batch axis is always local
+    here (many devices split it with ``shard_map``), so the slices stay on their device.
 
     Example::
 
