@@ -256,8 +256,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             return int(o)
         if isinstance(o, (np.floating,)):
             return float(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
+        if isinstance(o, (np.ndarray, jax.Array)):  # a 0-d array becomes its scalar
+            return np.asarray(o).tolist()
         raise TypeError(type(o))
 
     path.write_text(json.dumps(obj, indent=1, default=default))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -12,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from _common import write_json
 
 
 def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 1, repeats: int = 5, min_time: float = 0.0) -> dict:
@@ -91,9 +91,6 @@ def git_commit() -> str | None:
 
 def write_results(path: str, **payload: Any) -> str:
     """Write ``{"command": this process's command line, "machine": machine_info(), **payload}``
-    as JSON to ``path`` (its directory made if missing; numpy scalars as floats); returns ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "machine": machine_info(), **payload}, f, indent=1,
-                  default=float)
-    return path
+    as JSON to ``path`` with :func:`_common.write_json`; returns ``path``."""
+    payload = {"command": "python " + " ".join(sys.argv), "machine": machine_info(), **payload}
+    return str(write_json(path, payload))

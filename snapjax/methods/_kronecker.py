@@ -222,8 +222,8 @@ class KroneckerLayout:
     def factors(self, params: PyTree, s: Array, x: Array, dtype):
         """Forward one step; returns ``(new_state, D (B,k,k), vs [(B,n_g)], Δ (B,G,k,U), Δᵘ (B,Q,k,U))``."""
         spec, prec = self.spec, self.precision
-        h = spec.output(s)
         jac = step_jacobians(spec, params, s, x, self.masks or None, prec)
+        h = jac.inputs["state"]  # spec.output(s), as step_jacobians read it
         new_s, names, n_q = jac.new_state, [p.name for p in spec.projections], self.n_unit
         dpre, dunit, dstate = (a.astype(dtype) for a in (jac.dphi_pre, jac.dphi_unit, jac.dphi_state))
 
