@@ -14,8 +14,12 @@ in one jitted ``lax.scan``, :func:`snapjax.online_gradient`), timed round-robin 
 repeats, medians with min-max spread; per-step time = total / T).  For each method:
 
 * ``traffic GB/s`` = the method state read and written per step (``2 · S · 4 · B`` bytes, ``S``
-  the stored floats per example), divided by the step time, and its fraction of the measured
-  stream bandwidth — the bound that governs SnAp-1 (one float per parameter, elementwise);
+  the stored floats per example), divided by the step time, and its fraction of the stream
+  bandwidth measured *in the same round-robin* (``T`` in-place passes over ``B · S`` floats in one
+  jitted scan, :func:`stream_steps`, at the largest state of the row) — the bound that governs
+  SnAp-1 (one float per parameter, elementwise).  A step that also forms the gradient reads the
+  state a second time, so three passes over it bound SnAp-1 at about 2/3 of this fraction; the
+  fraction of the grid-wide ceiling above is kept beside it (``frac_bandwidth_of_ceiling``);
 * ``GFLOP/s`` = XLA's FLOP count of one compiled step, divided by the step time, and its
   fraction of the measured matmul throughput — the bound for exact RTRL (``D·J``);
 * ``× BPTT`` = step time over BPTT's in the same run.
@@ -87,6 +91,26 @@ def stream_bandwidth(n_floats: int, repeats: int) -> dict:
     return {"bytes": nbytes, "median_s": med, "GBps": nbytes / med / 1e9, "GBps_range": [nbytes / hi / 1e9, nbytes / lo / 1e9]}
 
 
+_STREAM = "stream (in-place pass)"
+
+
+def stream_steps(n_floats: int, T: int):
+    """A zero-argument call running ``T`` in-place passes ``a ← 0.999·a + 10⁻³`` over ``n_floats``
+    float32 in one jitted ``lax.scan`` (the buffer donated from call to call): the bandwidth
+    bound of a row, timed in its round-robin beside the methods, at the state's own size."""
+    def passes(a):
+        return jax.lax.scan(lambda c, _: (c * 0.999 + 1e-3, None), a, None, length=T)[0]
+
+    run = jax.jit(passes, donate_argnums=0)
+    buf = [jnp.ones((n_floats,), jnp.float32)]
+
+    def call():
+        buf[0] = run(buf[0])
+        return buf[0]
+
+    return call
+
+
 def matmul_throughput(n: int, repeats: int) -> dict:
     f = jax.jit(lambda a, b: a @ b)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -150,8 +174,11 @@ def measure(cell_name: str, k: int, B: int, T: int, repeats: int, methods: list[
     out_size = int(np.shape(rec.output(rec.init_carry(1)))[-1])  # the loss is on the cell's output
     ys = jnp.asarray(rng.standard_normal((T, B, out_size)), jnp.float32)
     fns, skipped = runners(cell, params, B, T, methods, max_state_mb, options)
-    times = round_robin({name: (lambda run=run: run(params, xs, ys)) for name, (run, _, _) in fns.items()},
-                        repeats, 1.0 / T)  # seconds per step, every method beside the others
+    calls = {name: (lambda run=run: run(params, xs, ys)) for name, (run, _, _) in fns.items()}
+    n_stream = B * max([S for _, S, _ in fns.values()] + [1])
+    calls[_STREAM] = stream_steps(n_stream, T)
+    times = round_robin(calls, repeats, 1.0 / T)  # seconds per step, every method beside the others
+    stream_gbps = 2 * 4 * n_stream / statistics.median(times.pop(_STREAM)) / 1e9
     bptt_s = statistics.median(times["bptt"])
     p = sum(int(a.size) for a in jax.tree.leaves(params))
     rows = []
@@ -162,7 +189,8 @@ def measure(cell_name: str, k: int, B: int, T: int, repeats: int, methods: list[
         rows.append({
             "cell": cell_name, "k": k, "B": B, "params": p, "method": name, "stored_per_example": S,
             "us_per_step": med * 1e6, "us_range": [lo * 1e6, hi * 1e6], "x_bptt": med / bptt_s,
-            "traffic_GBps": traffic, "frac_bandwidth": traffic / ceilings["stream"]["GBps"],
+            "traffic_GBps": traffic, "stream_GBps": stream_gbps, "frac_bandwidth": traffic / stream_gbps,
+            "frac_bandwidth_of_ceiling": traffic / ceilings["stream"]["GBps"],
             "xla_flops_per_step": flops, "GFLOPs": gflops,
             "frac_matmul": gflops / ceilings["matmul"]["GFLOPs"] if gflops else None,
             "ns_per_stored_float": med * 1e9 / (S * B) if S else None,
@@ -211,11 +239,12 @@ def main(argv=None) -> int:
         return "—" if x is None else f"{100 * x:.0f}%"
 
     table = markdown_table(
-        ["cell", "k", "B", "method", "µs/step (min-max)", "× BPTT", "state GB/s (of stream)", "GFLOP/s (of matmul)",
-         "ns per stored float"],
-        [[r["cell"], r["k"], r["B"], r["method"], f"skipped ({r['skipped'][:60]})", "", "", "", ""] if "skipped" in r else
+        ["cell", "k", "B", "method", "µs/step (min-max)", "× BPTT", "stream GB/s (same round-robin)",
+         "state GB/s (of stream)", "GFLOP/s (of matmul)", "ns per stored float"],
+        [[r["cell"], r["k"], r["B"], r["method"], f"skipped ({r['skipped'][:60]})", "", "", "", "", ""] if "skipped" in r else
          [r["cell"], r["k"], r["B"], r["method"], f"{r['us_per_step']:.0f} ({r['us_range'][0]:.0f}-{r['us_range'][1]:.0f})",
-          f"{r['x_bptt']:.2f}", f"{r['traffic_GBps']:.2f} ({pct(r['frac_bandwidth'])})" if r["stored_per_example"] else "—",
+          f"{r['x_bptt']:.2f}", f"{r['stream_GBps']:.1f}",
+          f"{r['traffic_GBps']:.2f} ({pct(r['frac_bandwidth'])})" if r["stored_per_example"] else "—",
           f"{r['GFLOPs']:.1f} ({pct(r['frac_matmul'])})" if r["GFLOPs"] else "—",
           f"{r['ns_per_stored_float']:.3f}" if r["ns_per_stored_float"] else "—"]
          for r in rows])

@@ -247,6 +247,10 @@ def test_roofline_tiny_end_to_end(tmp_path, capsys):
     assert rows[("gru", "rtrl")]["stored_per_example"] == 4 * gru_p         # RTRL: k floats per parameter
     assert rows[("gru", "bptt")]["x_bptt"] == 1.0
     assert all(r["us_per_step"] > 0 and r["xla_flops_per_step"] > 0 for r in res["rows"] if r["method"] != "bptt")
+    # the bound of each row is its own stream, timed beside it: the fraction is traffic over it
+    snap1 = rows[("gru", "snap1")]
+    assert snap1["stream_GBps"] > 0
+    assert snap1["frac_bandwidth"] == pytest.approx(snap1["traffic_GBps"] / snap1["stream_GBps"])
     with pytest.raises(SystemExit, match="2"):
         roofline.main(["--cells", "nope"])
     assert "unknown cells ['nope']" in capsys.readouterr().err
