@@ -8,6 +8,8 @@ set before jax's backend starts (the first array op); flags already in ``XLA_FLA
 """
 
 import os
+import shutil
+import tempfile
 
 _FAST_COMPILE = {"--xla_backend_optimization_level": "0", "--xla_llvm_disable_expensive_passes": "true"}
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -50,3 +52,27 @@ SUBPROCESS_MODULES = ("test_sharding.py", "test_distributed.py")
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in SUBPROCESS_MODULES)  # stable: False first
+
+
+# One compilation cache for the run, shared by its xdist workers: many tests compile the same
+# program (the same method on the same small cell), and each worker otherwise compiles it again.
+# The cache is keyed by the program and the compiler's options (jax's persistent compilation
+# cache), lives in a fresh directory made by the controlling process and is removed at the end,
+# so no run reuses another's programs.  A directory in ``SNAPJAX_TEST_XLA_CACHE`` is used as it is.
+_CACHE_ENV = "SNAPJAX_TEST_XLA_CACHE"
+_MADE_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
+        _MADE_CACHE.append(tempfile.mkdtemp(prefix="snapjax-tests-xla-"))
+        os.environ[_CACHE_ENV] = _MADE_CACHE[0]
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE:
+        shutil.rmtree(_MADE_CACHE.pop(), ignore_errors=True)
+        os.environ.pop(_CACHE_ENV, None)
