@@ -242,7 +242,7 @@ class InfluenceTracker:
         """
         batch = self._check_step_args(state, influence, x)
         spec, m = self.spec, self.spec.state_dim
-        jac = step_jacobians(spec, params, state, x, self.masks, self.precision)
+        jac = step_jacobians(spec, params, state, x, self.masks, self.precision, materialize=self.layout == "diag")
         imm = self._immediate(jac)
         propagate = self._propagator(params, jac)
         groups = self._group_of_leaves(influence)

@@ -82,7 +82,7 @@ def computed_once(tree: Any) -> Any:
 
 
 def step_jacobians(
-    spec: CellSpec, params: Any, s: Array, x: Array, masks: Any = None, precision=None
+    spec: CellSpec, params: Any, s: Array, x: Array, masks: Any = None, precision=None, *, materialize: bool = False
 ) -> StepJacobians:
     """Forward one step and return its compressed Jacobians.
 
@@ -91,6 +91,9 @@ def step_jacobians(
       params: parameter dict (flax.linen names).
       s: state ``(B, units, m)``; x: input ``(B, n_in)``.
       masks: optional static masks per projection name.
+      materialize: each derivative column :func:`computed_once` (for elementwise consumers that
+        broadcast it over many entries, the diagonal layout's update; a matmul consumer such as
+        RTRL's ``D J`` measured slower with it: XLA's own placement of the small chains wins).
     """
     h = spec.output(s)
     pre = preactivations(spec, params, h, x, masks, precision)
@@ -110,7 +113,7 @@ def step_jacobians(
     m = spec.state_dim
     cols += [column(lambda v: spec.phi(pre, unit, v), s, None if m == 1 else jnp.zeros_like(s).at[..., c].set(1.0))
              for c in range(m)]
-    outs = jnp.stack(computed_once(cols), -1)  # (B, units, m, P + Q + m); each column contiguous
+    outs = jnp.stack(computed_once(cols) if materialize else cols, -1)  # (B, units, m, P + Q + m)
     n_p, n_q = len(names), len(spec.unit_params)
     return StepJacobians(
         new_state=new_state,
