@@ -28,6 +28,7 @@ copy_task = importlib.import_module("copy_task")
 char_lm = importlib.import_module("char_lm")
 activity = importlib.import_module("activity")
 roofline = importlib.import_module("roofline")
+pair_storage = importlib.import_module("pair_storage")
 
 from snapjax.data.copy_task import NUM_TOKENS, copy_task_batch  # noqa: E402
 from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
@@ -231,6 +232,17 @@ def test_activity_tiny_end_to_end(tmp_path):
     """Dense and sparse weights in one run: one row each, the sparse one with fewer parameters."""
     rows = _activity_rows(tmp_path, ["1.0", "0.5"])
     assert rows[1]["param_density"] < rows[0]["param_density"] == 1.0
+
+
+def test_pair_storage_tiny_end_to_end(tmp_path):
+    """The three storages of a two-component influence give the same update (the script's own
+    check, which sets its exit code), and every storage and the stream pass are timed."""
+    out = tmp_path / "pairs.json"
+    assert pair_storage.main(["--batch", "2", "--size", "3", "--steps", "4", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["storages_agree"] is True
+    assert [r["storage"] for r in res["rows"]] == ["interleaved", "split", "complex", "stream"]
+    assert all(r["us_per_step"] > 0 for r in res["rows"])
 
 
 def test_roofline_tiny_end_to_end(tmp_path, capsys):
