@@ -104,10 +104,12 @@ def test_snap1_memory_is_batch_times_params():
         params = cell.init(jax.random.key(0), carry, jnp.zeros((batch, 7)))["params"]
         p = sum(x.size for x in jax.tree.leaves(params))
         J = influence_tracker(cell, params, "snap1").init(batch)
-        assert sum(x.size for x in jax.tree.leaves(J)) == batch * p * m
-        # each leaf is the parameter's shape per example (plus K=1, m)
+        # floats stored: a two-component cell's entries are complex pairs (two floats each)
+        assert sum(x.nbytes for x in jax.tree.leaves(J)) == 4 * batch * p * m
+        # each leaf is the parameter's shape per example (plus K=1, m; pairs: K=1, 1 complex)
         for leaf, par in zip(jax.tree.leaves(J), jax.tree.leaves(params)):
-            assert leaf.shape == (batch,) + par.shape + (1, m)
+            assert leaf.shape == (batch,) + par.shape + (1, 1 if m == 2 else m)
+            assert leaf.dtype == (jnp.complex64 if m == 2 else jnp.float32)
 
 
 def test_snap_n_size_matches_pattern_count_on_regular_graph():

@@ -13,7 +13,11 @@ axis is
 
 * ``"diag"`` (SnAp-1): ``K = 1``, only unit ``i`` itself — exactly ``B × p × m`` floats,
   the same size as a per-example copy of the parameters (``m = 1`` for vanilla/GRU);
-  propagation uses only the diagonal blocks of ``D`` (an elementwise update);
+  propagation uses only the diagonal blocks of ``D`` (an elementwise update).  With ``m = 2``
+  (LSTM, LRU) a float32/float64 leaf is stored as complex pairs ``(B, *lead, units, 1, 1)``,
+  component 0 real and 1 imaginary, so that each entry's update reads and writes only its own
+  pair, in place (:func:`snapjax.engine.propagation.pairs_dtype`; :meth:`InfluenceTracker.
+  interleaved` gives the float leaves);
 * ``"table"`` (SnAp-n, n ≥ 2, sparse): slot ``s`` holds unit ``nbr[i, s]`` of a static
   padded neighbour table; propagation gathers the ``K × K`` sub-blocks of ``D`` and does
   batched small matmuls — cost ``O(B p K² m)``, scaling with parameter density;
@@ -43,7 +47,15 @@ from snapjax.engine.patterns import (
     neighbour_table,
     stores_dense,
 )
-from snapjax.engine.propagation import apply_pattern, contract_gradient, decompress_kernels, propagator
+from snapjax.engine.propagation import (
+    apply_pattern,
+    contract_gradient,
+    decompress_kernels,
+    expand_dense,
+    from_pairs,
+    pairs_dtype,
+    propagator,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -126,18 +138,26 @@ class InfluenceTracker:
             shapes[q] = (batch_size, U, K, m)
         return shapes
 
-    def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None) -> PyTree:
+    def init(self, batch_size: int, dtype: Any = jnp.float32, *, key: Array | None = None,
+             pairs: bool = True) -> PyTree:
         """Zero influence ``J_0`` for ``batch_size`` examples (``key`` is unused: RTRL/SnAp
         are deterministic; it is accepted so that every online method shares one protocol).
 
         ``dtype`` is the *storage* dtype: ``jnp.bfloat16`` / ``jnp.float16`` halve the influence
         memory and traffic, while :meth:`step` and :meth:`gradient` still compute in the state /
-        cotangent dtype (the influence is upcast, updated, and rounded once per step)."""
+        cotangent dtype (the influence is upcast, updated, and rounded once per step).  A
+        two-component cell's diagonal influence in float32/float64 is stored as complex pairs
+        ``(..., 1)`` (``pairs=False``: the float leaves ``(..., 2)``; :func:`~snapjax.engine.
+        propagation.pairs_dtype`); :meth:`step`, :meth:`gradient` and :meth:`to_dense` take both."""
         del key
         self._check_init_args(batch_size, dtype)
-        return jax.tree.map(
-            lambda s: jnp.zeros(s, dtype), self.leaf_shapes(int(batch_size)), is_leaf=lambda x: isinstance(x, tuple)
-        )
+        cdt = pairs_dtype(self.layout, self.spec.state_dim, dtype) if pairs else None
+        return jax.tree.map(lambda s: jnp.zeros(s, dtype) if cdt is None else jnp.zeros(s[:-1] + (1,), cdt),
+                            self.leaf_shapes(int(batch_size)), is_leaf=lambda x: isinstance(x, tuple))
+
+    def interleaved(self, influence: PyTree) -> PyTree:
+        """The influence with complex pairs as float leaves ``(..., m)`` (:meth:`leaf_shapes`)."""
+        return jax.tree.map(from_pairs, influence)
 
     def num_stored(self) -> int:
         """Stored influence entries per example (pattern entries incl. padding, times m)."""
@@ -190,7 +210,12 @@ class InfluenceTracker:
 
     def _check_influence(self, influence: PyTree, batch: int) -> None:
         want = self.leaf_shapes(batch)
-        got = jax.tree.map(jnp.shape, influence)
+        paired = self.layout == "diag" and self.spec.state_dim == 2  # complex pairs (..., 1) stand for (..., 2)
+        if not paired and any(jnp.iscomplexobj(J) for J in jax.tree.leaves(influence)):
+            raise ValueError(f"complex influence leaves are the pair storage of a two-component cell's diagonal "
+                             f"layout; this tracker ({self.layout!r}, m={self.spec.state_dim}) stores floats")
+        got = jax.tree.map(lambda J: jnp.shape(J)[:-1] + (2,) if paired and jnp.iscomplexobj(J) else jnp.shape(J),
+                           influence)
         if jax.tree.structure(got, is_leaf=lambda t: isinstance(t, tuple)) != jax.tree.structure(
             want, is_leaf=lambda t: isinstance(t, tuple)
         ) or got != want:
@@ -206,22 +231,24 @@ class InfluenceTracker:
     # -------------------------------------------------------------- immediate
     def _immediate(self, jac: StepJacobians) -> dict:
         """Compressed immediate Jacobian per leaf, shape ``(B, L, units, m)``."""
+        return jax.tree.map(lambda f: f[1] if f[0] is None else f[0] * f[1], self._immediate_factors(jac),
+                            is_leaf=lambda t: isinstance(t, tuple))
+
+    def _immediate_factors(self, jac: StepJacobians) -> dict:
+        """Per leaf ``(v, d)``, the immediate Jacobian ``v · d`` unmultiplied: ``d = ∂φ/∂a``
+        ``(B, 1, U, m)`` and ``v`` the kernel's input ``(B, L, U|1, 1)`` (``None``: biases and unit
+        parameters), so that one component can be formed without the other."""
         spec = self.spec
         out = {}
         for j, p in enumerate(spec.projections):
-            dphi = jac.dphi_pre[..., j]  # (B, U, m)
             v = jac.inputs[p.source]  # (B, n_in)
             lay: KernelLayout = self.kernels[p.name]
-            if lay.rows is None:
-                vg = v[:, :, None]  # (B, n_in, 1)
-            else:
-                vg = jnp.where(lay.valid, v[:, lay.rows], 0)  # (B, R, U)
-            leaf = {"kernel": vg[..., None] * dphi[:, None]}
+            vg = v[:, :, None] if lay.rows is None else jnp.where(lay.valid, v[:, lay.rows], 0)  # (B, L, U|1)
+            out[p.name] = {"kernel": (vg[..., None], jac.dphi_pre[:, None, ..., j])}
             if p.use_bias:
-                leaf["bias"] = dphi[:, None]
-            out[p.name] = leaf
+                out[p.name]["bias"] = (None, jac.dphi_pre[:, None, ..., j])
         for j, q in enumerate(spec.unit_params):
-            out[q] = jac.dphi_unit[..., j][:, None]
+            out[q] = (None, jac.dphi_unit[:, None, ..., j])
         return out
 
     def _group_of_leaves(self, tree: PyTree) -> dict:
@@ -243,20 +270,24 @@ class InfluenceTracker:
         batch = self._check_step_args(state, influence, x)
         spec, m = self.spec, self.spec.state_dim
         jac = step_jacobians(spec, params, state, x, self.masks, self.precision, materialize=self.layout == "diag")
-        imm = self._immediate(jac)
+        imm = self._immediate_factors(jac)
         propagate = self._propagator(params, jac)
         groups = self._group_of_leaves(influence)
 
-        def update(J, ic, group):
+        def update(J, factors, group):
+            v, d = factors  # pairs get each component's immediate term on its own (no strided slices)
+            ic = (d if v is None else v * d) if not jnp.iscomplexobj(J) else \
+                [d[..., a] if v is None else v[..., 0] * d[..., a] for a in range(2)]
             shape = J.shape
             lead = shape[1:-3]
             L = math.prod(lead)
             # Arithmetic in the wider of the storage and the state dtype: a bfloat16/float16
             # influence is upcast, propagated, and rounded once when stored (no-op casts when
             # the dtypes agree, so float32/float64 influences compute exactly as before).
-            cdt = jnp.promote_types(J.dtype, ic.dtype)
-            Jf = J.reshape(batch, L, spec.units, shape[-2], m).astype(cdt)
-            Jn = propagate(Jf, ic.astype(cdt))
+            # Complex pairs: the wider real dtype for the arithmetic, complex for the storage.
+            rdt = jnp.promote_types(jnp.real(J).dtype if jnp.iscomplexobj(J) else J.dtype, d.dtype)
+            Jf = J.reshape(batch, L, spec.units, shape[-2], shape[-1]).astype(jnp.promote_types(J.dtype, rdt))
+            Jn = propagate(Jf, jax.tree.map(lambda a: a.astype(rdt), ic))
             if self.patterns is not None:
                 Jn = apply_pattern(Jn, self.patterns[group])
             return Jn.reshape(shape).astype(J.dtype)
@@ -286,34 +317,7 @@ class InfluenceTracker:
     # ------------------------------------------------------------------ views
     def to_dense(self, influence: PyTree) -> PyTree:
         """Expand to dense ``(B, *param_shape, units, m)`` per leaf (for tests and plots)."""
-        spec, U, m = self.spec, self.spec.units, self.spec.state_dim
-
-        def expand(J):
-            shape = J.shape
-            batch, lead, K = shape[0], shape[1:-3], shape[-2]
-            if self.layout == "dense":
-                return J
-            Jf = J.reshape(batch, -1, U, K, m)
-            dense = jnp.zeros((batch, Jf.shape[1], U, U, m), J.dtype)
-            nbr = self.table.nbr if self.layout == "table" else np.arange(U)[:, None]
-            valid = self.table.valid if self.layout == "table" else np.ones((U, 1), bool)
-            rows = np.broadcast_to(np.arange(U)[:, None], nbr.shape)
-            dense = dense.at[:, :, rows, nbr].add(jnp.where(valid[:, :, None], Jf, 0))
-            return dense.reshape((batch,) + lead + (U, U, m))
-
-        expanded = jax.tree.map(expand, influence)
-        out = dict(expanded)
-        for p in spec.projections:
-            lay: KernelLayout = self.kernels[p.name]
-            if lay.rows is None:
-                continue
-            J = expanded[p.name]["kernel"]  # (B, R, U, U, m)
-            cols = np.broadcast_to(np.arange(U), lay.rows.shape)
-            full = jnp.zeros((J.shape[0], lay.n_in, U, U, m), J.dtype).at[:, lay.rows, cols].add(
-                jnp.where(lay.valid[:, :, None, None], J, 0)
-            )
-            out[p.name] = {**expanded[p.name], "kernel": full}
-        return out
+        return expand_dense(self.spec, self.layout, self.table, self.kernels, influence)
 
 
 def influence_tracker(

@@ -40,7 +40,8 @@ from snapjax.engine.patterns import KernelLayout, NeighbourTable
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["propagator", "contract_gradient", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS"]
+__all__ = ["propagator", "contract_gradient", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS",
+           "pairs_dtype", "to_pairs", "from_pairs", "expand_dense"]
 
 #: A SnAp-n pattern on the dense storage with at most this fraction of its entries outside the
 #: pattern is applied by setting those entries to zero in place; a sparser one by a multiply.
@@ -48,6 +49,43 @@ SCATTER_ZEROS = 0.1
 
 #: Examples per unrolled group of the diagonal layout's batch sum (:func:`diag_batch_sum`).
 BATCH_UNROLL = 16
+
+
+def pairs_dtype(layout: str, m: int, dtype: Any) -> Any:
+    """The complex storage dtype of a two-component diagonal influence, or ``None``.
+
+    In the diagonal layout each entry of a two-component cell (LSTM, LRU) is a pair ``(J₀, J₁)``
+    whose update ``J_a ← Σ_c d[a, c] J_c + I_a`` reads both old components.  Stored interleaved
+    (a float minor axis of size 2) XLA can neither update it in place nor stream it (the second
+    term reads the pair reversed); stored as one complex number (``J₀`` real, ``J₁`` imaginary)
+    each new pair reads only its own old pair.  ``benchmarks/pair_storage.py`` (16 × 256 × 256
+    pairs, quiet 2-core CPU): interleaved 782 µs per step, complex 280 µs, a stream pass 209 µs.
+    Complex storage exists for float32 and float64 (complex64, complex128); 16-bit storage stays
+    interleaved.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from snapjax.engine.propagation import pairs_dtype, to_pairs, from_pairs
+        >>> pairs_dtype("diag", 2, jnp.float32), pairs_dtype("diag", 1, jnp.float32), pairs_dtype("diag", 2, jnp.bfloat16)
+        (dtype('complex64'), None, None)
+        >>> from_pairs(to_pairs(jnp.array([[1.0, 2.0]]))).tolist()
+        [[1.0, 2.0]]
+    """
+    dt = jnp.dtype(dtype)
+    if layout != "diag" or m != 2 or dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        return None
+    return jnp.dtype(jnp.complex64 if dt == jnp.dtype(jnp.float32) else jnp.complex128)
+
+
+def to_pairs(J: Array) -> Array:
+    """A float leaf ``(..., 2)`` as complex pairs ``(..., 1)`` (:func:`pairs_dtype`)."""
+    return jax.lax.complex(J[..., :1], J[..., 1:])
+
+
+def from_pairs(J: Array) -> Array:
+    """Complex pairs ``(..., 1)`` as the float leaf ``(..., 2)``; a float leaf is returned as it is."""
+    return jnp.concatenate([jnp.real(J), jnp.imag(J)], -1) if jnp.iscomplexobj(J) else J
 
 
 def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, precision: Any,
@@ -69,8 +107,18 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
         # A broadcast-and-reduce over the size-m minor axis measured ~10x slower on CPU,
         # a stack of per-component sums (interleaved writes) ~3.5x (LSTM / LRU SnAp-1).
         coefs = computed_once([dii[..., a, (a + s) % m] for s in range(m)])
+        pair_coefs: list = []  # d[a, c] per (a, c), (B, U) each, made by the first paired leaf
 
         def propagate(J, ic):
+            if jnp.iscomplexobj(J):  # pairs (m = 2): J (B, L, U, 1, 1), component 0 real, 1 imaginary;
+                # ic: the two components' immediate terms, (B, L|1, U) each
+                if not pair_coefs:
+                    pair_coefs.extend(computed_once([dii[..., i, j] for i in range(2) for j in range(2)]))
+                rdt = jnp.real(J).dtype
+                d00, d01, d10, d11 = (c[:, None, :, None, None].astype(rdt) for c in pair_coefs)
+                j0, j1 = jnp.real(J), jnp.imag(J)
+                i0, i1 = (i[:, :, :, None, None] for i in ic)
+                return jax.lax.complex(d00 * j0 + d01 * j1 + i0, d10 * j0 + d11 * j1 + i1)
             if m == 1:
                 Jn = coefs[0][:, None, :, None, :].astype(J.dtype) * J
             else:
@@ -142,6 +190,13 @@ def apply_pattern(J: Array, pattern: np.ndarray) -> Array:
     zeros = ~np.asarray(pattern, bool)
     if not zeros.any():
         return J
+    if jnp.iscomplexobj(J):  # pairs (J (B, L, U, K, 1)): each component's mask on its own part
+
+        def masked(part: Array, keep: np.ndarray) -> Array:  # an all-out component is a constant 0
+            return part if keep.all() else jnp.zeros_like(part) if not keep.any() else part * jnp.asarray(keep, part.dtype)
+
+        keep = np.asarray(pattern, bool)
+        return jax.lax.complex(masked(jnp.real(J), keep[..., :1]), masked(jnp.imag(J), keep[..., 1:]))
     if zeros.mean() <= SCATTER_ZEROS:
         zi, zk, za = np.nonzero(zeros)
         return J.at[:, :, zi, zk, za].set(jnp.zeros((), J.dtype))
@@ -168,6 +223,10 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
     def contract(J):
         shape = J.shape
         L = math.prod(shape[1:-3])
+        if jnp.iscomplexobj(J):  # diagonal pairs (B, *lead, U, 1, 1), component 0 real, 1 imaginary
+            rdt = jnp.promote_types(jnp.real(J).dtype, jnp.result_type(dloss_dstate))
+            Jp = J.reshape(batch, L, spec.units, 1, 1).astype(jnp.promote_types(J.dtype, rdt))
+            return diag_batch_sum(Jp, dl[:, None].astype(rdt), prec).reshape(shape[1:-2])
         cdt = jnp.promote_types(J.dtype, jnp.result_type(dloss_dstate))  # upcast a 16-bit J
         if layout == "dense":
             # One batched matrix-vector product per example over J's contiguous minor axes
@@ -214,10 +273,14 @@ def diag_batch_sum(J: Array, c: Array, precision: Any = None) -> Array:
         >>> diag_batch_sum(J, c).shape, float(diag_batch_sum(J, c)[0, 0, 0])
         ((2, 4, 1), 3.0)
     """
-    batch, m = J.shape[0], J.shape[-1]
-    c = jnp.broadcast_to(c, J.shape)
+    batch = J.shape[0]
+    paired = jnp.iscomplexobj(J)  # pairs: J (..., 1) complex, c (..., 2)
+    m = 2 if paired else J.shape[-1]
+    c = jnp.broadcast_to(c, J.shape[:-1] + (m,))
 
     def term(Jb: Array, cb: Array) -> Array:  # Σ_a over the minor axis as m elementwise products
+        if paired:
+            return jnp.real(Jb[..., 0]) * cb[..., 0] + jnp.imag(Jb[..., 0]) * cb[..., 1]
         return functools.reduce(operator.add, [Jb[..., a] * cb[..., a] for a in range(m)])
 
     def unrolled(Js: Array, cs: Array, axis: int) -> Array:  # Σ over ``axis`` as sliced adds
@@ -230,7 +293,8 @@ def diag_batch_sum(J: Array, c: Array, precision: Any = None) -> Array:
     groups, rest = divmod(batch, BATCH_UNROLL)
     full = groups * BATCH_UNROLL
     split = (groups, BATCH_UNROLL) + J.shape[1:]
-    partial = unrolled(J[:full].reshape(split), c[:full].reshape(split), 1)  # (G, L, U, 1)
+    c_split = (groups, BATCH_UNROLL) + c.shape[1:]  # pairs: c has both components, J one complex
+    partial = unrolled(J[:full].reshape(split), c[:full].reshape(c_split), 1)  # (G, L, U, 1)
     total = jnp.einsum("g,gn->n", jnp.ones((groups,), partial.dtype), partial.reshape(groups, -1),
                        precision=precision).reshape(partial.shape[1:])
     return total + unrolled(J[full:], c[full:], 0) if rest else total
@@ -250,4 +314,38 @@ def decompress_kernels(spec: CellSpec, kernels: dict, grads: PyTree) -> PyTree:
             jnp.where(lay.valid, g, 0)
         )
         out[p.name] = {**grads[p.name], "kernel": dense}
+    return out
+
+
+def expand_dense(spec: CellSpec, layout: str, table: NeighbourTable, kernels: dict, influence: PyTree) -> PyTree:
+    """The influence in any layout (pairs included) expanded to dense ``(B, *param_shape, units,
+    m)`` per leaf, every unstored entry 0 (for tests and plots)."""
+    U, m = spec.units, spec.state_dim
+
+    def expand(J):
+        J = from_pairs(J)
+        shape = J.shape
+        batch, lead, K = shape[0], shape[1:-3], shape[-2]
+        if layout == "dense":
+            return J
+        Jf = J.reshape(batch, -1, U, K, m)
+        dense = jnp.zeros((batch, Jf.shape[1], U, U, m), J.dtype)
+        nbr = table.nbr if layout == "table" else np.arange(U)[:, None]
+        valid = table.valid if layout == "table" else np.ones((U, 1), bool)
+        rows = np.broadcast_to(np.arange(U)[:, None], nbr.shape)
+        dense = dense.at[:, :, rows, nbr].add(jnp.where(valid[:, :, None], Jf, 0))
+        return dense.reshape((batch,) + lead + (U, U, m))
+
+    expanded = jax.tree.map(expand, influence)
+    out = dict(expanded)
+    for p in spec.projections:
+        lay: KernelLayout = kernels[p.name]
+        if lay.rows is None:
+            continue
+        J = expanded[p.name]["kernel"]  # (B, R, U, U, m)
+        cols = np.broadcast_to(np.arange(U), lay.rows.shape)
+        full = jnp.zeros((J.shape[0], lay.n_in, U, U, m), J.dtype).at[:, lay.rows, cols].add(
+            jnp.where(lay.valid[:, :, None, None], J, 0)
+        )
+        out[p.name] = {**expanded[p.name], "kernel": full}
     return out

@@ -133,7 +133,7 @@ class ChunkedInfluence(OnlineMethod):
         the buffers' dtype) and empty buffers in ``promote_types(dtype, param dtype)``."""
         del key
         b = check_batch_size(batch_size)
-        J = jax.tree.map(_flat, self.tracker.init(b, dtype))
+        J = jax.tree.map(_flat, self.tracker.init(b, dtype, pairs=False))  # float leaves (..., m)
         bdt = jnp.promote_types(dtype, self.param_dtype)
         spec, K = self.tracker.spec, self.chunk
         U, m, P, Q = spec.units, spec.state_dim, len(spec.projections), len(spec.unit_params)
@@ -160,7 +160,8 @@ class ChunkedInfluence(OnlineMethod):
 
     def influence(self, state: ChunkedState) -> PyTree:
         """``J`` at the last chunk boundary in the per-step engine's shapes (a free reshape):
-        equal to the per-step method's ``state.influence`` at the same step."""
+        equal to the per-step method's ``state.influence`` at the same step (whose two-component
+        diagonal influence may be stored as complex pairs: ``tracker.interleaved`` of it)."""
         shapes = self.tracker.leaf_shapes(int(jnp.shape(state.pending)[0]))
         return jax.tree.map(lambda a, s: a.reshape(s), state.influence, shapes)
 
@@ -168,7 +169,7 @@ class ChunkedInfluence(OnlineMethod):
         """``state`` at a chunk boundary (``pos == 0``) with ``J`` taken from the per-step
         method's ``influence`` (engine shapes), e.g. to switch a stream to chunked updates."""
         self.tracker._check_influence(influence, int(jnp.shape(state.pending)[0]))
-        return state._replace(influence=jax.tree.map(_flat, influence))
+        return state._replace(influence=jax.tree.map(_flat, self.tracker.interleaved(influence)))
 
     def to_dense(self, state: ChunkedState) -> PyTree:
         """``J`` at the last chunk boundary expanded to ``(B, *param_shape, units, m)``."""

@@ -116,6 +116,12 @@ class CompressedInfluence(OnlineMethod):
         spec = self.tracker.spec
         return self.tracker.gradient(state.influence, spec.to_internal(dloss_dcarry)), state
 
+    def influence(self, state: InfluenceState) -> PyTree:
+        """The influence as float leaves ``(B, *rows, U, K, m)`` (the engine's shapes, as
+        :meth:`snapjax.methods.chunked.ChunkedInfluence.influence` gives them): a two-component
+        cell's diagonal influence is stored as complex pairs ``(..., 1)`` and unpacked here."""
+        return self.tracker.interleaved(state.influence)
+
     def to_dense(self, state: InfluenceState) -> PyTree:
         """The influence expanded to ``(B, *param_shape, units, m)`` per leaf (tests, plots)."""
         return self.tracker.to_dense(state.influence)
