@@ -59,7 +59,7 @@ def pairs_dtype(layout: str, m: int, dtype: Any) -> Any:
     (a float minor axis of size 2) XLA can neither update it in place nor stream it (the second
     term reads the pair reversed); stored as one complex number (``J₀`` real, ``J₁`` imaginary)
     each new pair reads only its own old pair.  ``benchmarks/pair_storage.py`` (16 × 256 × 256
-    pairs, quiet 2-core CPU): interleaved 782 µs per step, complex 280 µs, a stream pass 209 µs.
+    pairs, 2-core CPU): interleaved 782 µs per step, complex 280 µs, a stream pass 209 µs.
     Complex storage exists for float32 and float64 (complex64, complex128); 16-bit storage stays
     interleaved.
 
