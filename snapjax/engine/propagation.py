@@ -344,6 +344,7 @@ def expand_dense(spec: CellSpec, layout: str, table: NeighbourTable, kernels: di
             continue
         J = expanded[p.name]["kernel"]  # (B, R, U, U, m)
         cols = np.broadcast_to(np.arange(U), lay.rows.shape)
+        assert lay.valid is not None  # compressed rows come with their validity
         full = jnp.zeros((J.shape[0], lay.n_in, U, U, m), J.dtype).at[:, lay.rows, cols].add(
             jnp.where(lay.valid[:, :, None, None], J, 0)
         )
