@@ -29,6 +29,7 @@ char_lm = importlib.import_module("char_lm")
 activity = importlib.import_module("activity")
 roofline = importlib.import_module("roofline")
 pair_storage = importlib.import_module("pair_storage")
+cell_step_cost = importlib.import_module("cell_step_cost")
 
 from snapjax.data.copy_task import NUM_TOKENS, copy_task_batch  # noqa: E402
 from snapjax.data.text import char_batches, corpus_from_texts  # noqa: E402
@@ -243,6 +244,19 @@ def test_pair_storage_tiny_end_to_end(tmp_path):
     assert res["storages_agree"] is True
     assert [r["storage"] for r in res["rows"]] == ["interleaved", "split", "complex", "stream"]
     assert all(r["us_per_step"] > 0 for r in res["rows"])
+
+
+def test_cell_step_cost_times_the_cells_side_by_side(tmp_path):
+    """Every cell of one (k, B) in one round-robin: per-round per-float ratios to the first cell
+    (1 for the first itself), stored floats from the methods (LSTM: 2 components, 4 gates)."""
+    out = tmp_path / "cells.json"
+    cell_step_cost.main(["--cells", "gru,lstm", "--units", "3", "--inputs", "2", "--batch", "2", "--steps", "2",
+                         "--repeats", "2", "--out", str(out)])
+    rows = {r["cell"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["gru"]["per_float_vs_first"] == 1.0 and rows["lstm"]["per_float_vs_first"] > 0
+    assert rows["gru"]["stored_floats"] == 3 * 3 * (2 + 3) + 4 * 3  # 3 gates' kernels, flax GRU's 4 biases
+    assert rows["lstm"]["stored_floats"] == 2 * (4 * 3 * (2 + 3) + 4 * 3)  # two components per entry
+    assert len(rows["lstm"]["times_us"]["snap1"]) == 2
 
 
 def test_roofline_tiny_end_to_end(tmp_path, capsys):
