@@ -55,6 +55,7 @@ from snapjax.engine.propagation import (
     from_pairs,
     pairs_dtype,
     propagator,
+    real_dtype,
 )
 
 Array = jax.Array
@@ -210,7 +211,7 @@ class InfluenceTracker:
 
     def _check_influence(self, influence: PyTree, batch: int) -> None:
         want = self.leaf_shapes(batch)
-        paired = self.layout == "diag" and self.spec.state_dim == 2  # complex pairs (..., 1) stand for (..., 2)
+        paired = pairs_dtype(self.layout, self.spec.state_dim, jnp.float32) is not None  # (..., 1) stands for (..., 2)
         if not paired and any(jnp.iscomplexobj(J) for J in jax.tree.leaves(influence)):
             raise ValueError(f"complex influence leaves are the pair storage of a two-component cell's diagonal "
                              f"layout; this tracker ({self.layout!r}, m={self.spec.state_dim}) stores floats")
@@ -268,7 +269,7 @@ class InfluenceTracker:
           ``(s_t, J_t)``.
         """
         batch = self._check_step_args(state, influence, x)
-        spec, m = self.spec, self.spec.state_dim
+        spec = self.spec
         jac = step_jacobians(spec, params, state, x, self.masks, self.precision, materialize=self.layout == "diag")
         imm = self._immediate_factors(jac)
         propagate = self._propagator(params, jac)
@@ -279,13 +280,12 @@ class InfluenceTracker:
             ic = (d if v is None else v * d) if not jnp.iscomplexobj(J) else \
                 [d[..., a] if v is None else v[..., 0] * d[..., a] for a in range(2)]
             shape = J.shape
-            lead = shape[1:-3]
-            L = math.prod(lead)
+            L = math.prod(shape[1:-3])
             # Arithmetic in the wider of the storage and the state dtype: a bfloat16/float16
             # influence is upcast, propagated, and rounded once when stored (no-op casts when
-            # the dtypes agree, so float32/float64 influences compute exactly as before).
-            # Complex pairs: the wider real dtype for the arithmetic, complex for the storage.
-            rdt = jnp.promote_types(jnp.real(J).dtype if jnp.iscomplexobj(J) else J.dtype, d.dtype)
+            # the dtypes agree, so float32/float64 influences compute exactly as before; complex
+            # pairs compute in the wider real dtype).
+            rdt = jnp.promote_types(real_dtype(J), d.dtype)
             Jf = J.reshape(batch, L, spec.units, shape[-2], shape[-1]).astype(jnp.promote_types(J.dtype, rdt))
             Jn = propagate(Jf, jax.tree.map(lambda a: a.astype(rdt), ic))
             if self.patterns is not None:

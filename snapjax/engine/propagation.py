@@ -41,7 +41,7 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = ["propagator", "contract_gradient", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS",
-           "pairs_dtype", "to_pairs", "from_pairs", "expand_dense"]
+           "pairs_dtype", "real_dtype", "to_pairs", "from_pairs", "expand_dense"]
 
 #: A SnAp-n pattern on the dense storage with at most this fraction of its entries outside the
 #: pattern is applied by setting those entries to zero in place; a sparser one by a multiply.
@@ -78,6 +78,11 @@ def pairs_dtype(layout: str, m: int, dtype: Any) -> Any:
     return jnp.dtype(jnp.complex64 if dt == jnp.dtype(jnp.float32) else jnp.complex128)
 
 
+def real_dtype(J: Array) -> Any:
+    """The real dtype of ``J``'s entries (complex pairs: of each component), read from its dtype."""
+    return jnp.finfo(J.dtype).dtype
+
+
 def to_pairs(J: Array) -> Array:
     """A float leaf ``(..., 2)`` as complex pairs ``(..., 1)`` (:func:`pairs_dtype`)."""
     return jax.lax.complex(J[..., :1], J[..., 1:])
@@ -106,24 +111,26 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
         # shift's coefficients (B, U, m) computed once, contiguous, before the update reads them.
         # A broadcast-and-reduce over the size-m minor axis measured ~10x slower on CPU,
         # a stack of per-component sums (interleaved writes) ~3.5x (LSTM / LRU SnAp-1).
-        coefs = computed_once([dii[..., a, (a + s) % m] for s in range(m)])
-        pair_coefs: list = []  # d[a, c] per (a, c), (B, U) each, made by the first paired leaf
+        @functools.cache  # made once per step, by the first leaf of each storage that needs them
+        def coefs(paired: bool) -> list:
+            if paired:  # d[a, c] per (a, c), (B, U) each
+                return computed_once([dii[..., i, j] for i in range(2) for j in range(2)])
+            return computed_once([dii[..., a, (a + s) % m] for s in range(m)])  # per shift, (B, U, m)
 
         def propagate(J, ic):
             if jnp.iscomplexobj(J):  # pairs (m = 2): J (B, L, U, 1, 1), component 0 real, 1 imaginary;
                 # ic: the two components' immediate terms, (B, L|1, U) each
-                if not pair_coefs:
-                    pair_coefs.extend(computed_once([dii[..., i, j] for i in range(2) for j in range(2)]))
-                rdt = jnp.real(J).dtype
-                d00, d01, d10, d11 = (c[:, None, :, None, None].astype(rdt) for c in pair_coefs)
+                rdt = real_dtype(J)
+                d00, d01, d10, d11 = (c[:, None, :, None, None].astype(rdt) for c in coefs(True))
                 j0, j1 = jnp.real(J), jnp.imag(J)
                 i0, i1 = (i[:, :, :, None, None] for i in ic)
                 return jax.lax.complex(d00 * j0 + d01 * j1 + i0, d10 * j0 + d11 * j1 + i1)
+            c = coefs(False)
             if m == 1:
-                Jn = coefs[0][:, None, :, None, :].astype(J.dtype) * J
+                Jn = c[0][:, None, :, None, :].astype(J.dtype) * J
             else:
                 shifted = [J] + [J[..., ::-1] if m == 2 else jnp.roll(J, -s, axis=-1) for s in range(1, m)]
-                Jn = sum(coefs[s][:, None, :, None, :].astype(J.dtype) * shifted[s] for s in range(m))
+                Jn = sum(c[s][:, None, :, None, :].astype(J.dtype) * shifted[s] for s in range(m))
             return Jn + ic[:, :, :, None, :]
 
         return propagate
@@ -224,7 +231,7 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
         shape = J.shape
         L = math.prod(shape[1:-3])
         if jnp.iscomplexobj(J):  # diagonal pairs (B, *lead, U, 1, 1), component 0 real, 1 imaginary
-            rdt = jnp.promote_types(jnp.real(J).dtype, jnp.result_type(dloss_dstate))
+            rdt = jnp.promote_types(real_dtype(J), jnp.result_type(dloss_dstate))
             Jp = J.reshape(batch, L, spec.units, 1, 1).astype(jnp.promote_types(J.dtype, rdt))
             return diag_batch_sum(Jp, dl[:, None].astype(rdt), prec).reshape(shape[1:-2])
         cdt = jnp.promote_types(J.dtype, jnp.result_type(dloss_dstate))  # upcast a 16-bit J
