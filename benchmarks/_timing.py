@@ -11,6 +11,8 @@ import time
 from typing import Any, Callable
 
 import jax
+
+from snapjax.engine import native
 from _common import write_json
 
 
@@ -72,6 +74,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "commit": git_commit(),
+        "snapjax_native": native.status(),  # per-step SnAp-1's native CPU kernel, or why not
     }
 
 

@@ -28,6 +28,7 @@ axis is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, Mapping
 
@@ -49,6 +50,7 @@ from snapjax.engine.patterns import (
 )
 from snapjax.engine.propagation import (
     apply_pattern,
+    diag_factors,
     contract_gradient,
     decompress_kernels,
     expand_dense,
@@ -254,25 +256,25 @@ class InfluenceTracker:
 
     def _group_of_leaves(self, tree: PyTree) -> dict:
         """Map each leaf to its parameter group (projection or unit-param name)."""
-        return {
-            k: (jax.tree.map(lambda _: k, v) if isinstance(v, Mapping) else k) for k, v in tree.items()
-        }
+        return {k: (jax.tree.map(lambda _: k, v) if isinstance(v, Mapping) else k) for k, v in tree.items()}
 
     # ------------------------------------------------------------------- step
-    def step(self, params: PyTree, state: Array, influence: PyTree, x: Array) -> tuple[Array, PyTree]:
+    def step(self, params: PyTree, state: Array, influence: PyTree, x: Array, *,
+             factors: bool = False) -> tuple:
         """One online step: ``s_t = f(θ, s_{t-1}, x_t)`` and ``J_t`` from ``J_{t-1}``.
 
         Args:
           params: parameter dict.  state: ``(B, units, m)``.  influence: from :meth:`init`.
-          x: ``(B, n_in)``.
+          x: ``(B, n_in)``.  factors: also return each leaf's
+            :func:`~snapjax.engine.propagation.diag_factors` (for :mod:`snapjax.engine.native`).
         Returns:
-          ``(s_t, J_t)``.
+          ``(s_t, J_t)``, or ``(s_t, J_t, factors)``.
         """
         batch = self._check_step_args(state, influence, x)
         spec = self.spec
         jac = step_jacobians(spec, params, state, x, self.masks, self.precision, materialize=self.layout == "diag")
         imm = self._immediate_factors(jac)
-        propagate = self._propagator(params, jac)
+        propagate = propagator(spec, self.layout, self.table, self.masks, self.precision, params, jac)
         groups = self._group_of_leaves(influence)
 
         def update(J, factors, group):
@@ -281,10 +283,8 @@ class InfluenceTracker:
                 [d[..., a] if v is None else v[..., 0] * d[..., a] for a in range(2)]
             shape = J.shape
             L = math.prod(shape[1:-3])
-            # Arithmetic in the wider of the storage and the state dtype: a bfloat16/float16
-            # influence is upcast, propagated, and rounded once when stored (no-op casts when
-            # the dtypes agree, so float32/float64 influences compute exactly as before; complex
-            # pairs compute in the wider real dtype).
+            # Arithmetic in the wider of the storage and the state dtype: a 16-bit influence is
+            # upcast, propagated and rounded once when stored (pairs: the wider real dtype).
             rdt = jnp.promote_types(real_dtype(J), d.dtype)
             Jf = J.reshape(batch, L, spec.units, shape[-2], shape[-1]).astype(jnp.promote_types(J.dtype, rdt))
             Jn = propagate(Jf, jax.tree.map(lambda a: a.astype(rdt), ic))
@@ -293,11 +293,10 @@ class InfluenceTracker:
             return Jn.reshape(shape).astype(J.dtype)
 
         new = jax.tree.map(update, influence, imm, groups)
-        return jac.new_state, new
-
-    def _propagator(self, params: PyTree, jac: StepJacobians):
-        """Return ``propagate(J (B, L, U, K, m), Ic (B, L|1, U, m)) -> D J + I`` for this layout."""
-        return propagator(self.spec, self.layout, self.table, self.masks, self.precision, params, jac)
+        if not factors:
+            return jac.new_state, new
+        fac = functools.partial(diag_factors, spec, self.layout, self.patterns, propagate, batch)
+        return jac.new_state, new, jax.tree.map(fac, influence, imm, groups)
 
     # --------------------------------------------------------------- gradient
     def gradient(self, influence: PyTree, dloss_dstate: Array) -> PyTree:

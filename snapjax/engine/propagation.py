@@ -40,7 +40,7 @@ from snapjax.engine.patterns import KernelLayout, NeighbourTable
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["propagator", "contract_gradient", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS",
+__all__ = ["propagator", "diag_factors", "contract_gradient", "contract_leaves", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS",
            "pairs_dtype", "real_dtype", "to_pairs", "from_pairs", "expand_dense"]
 
 #: A SnAp-n pattern on the dense storage with at most this fraction of its entries outside the
@@ -133,6 +133,7 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
                 Jn = sum(c[s][:, None, :, None, :].astype(J.dtype) * shifted[s] for s in range(m))
             return Jn + ic[:, :, :, None, :]
 
+        propagate.coefficients = coefs  # type: ignore[attr-defined]  # the per-step factors, made once
         return propagate
 
     if layout == "table":
@@ -175,6 +176,28 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
     return propagate_dense
 
 
+def diag_factors(spec: CellSpec, layout: str, patterns: dict | None, propagate: Callable, batch: int, J: Array,
+                 immediate: tuple, group: str) -> tuple | None:
+    """The factors of one diagonal leaf's update ``J_t = (D J_{t-1} + V ⊗ G) ⊙ P``:
+    ``(D (B, U), V (B, L) | None, G (B, U), None)``, for complex pairs ``(D (B, U, 4)`` the 2×2
+    blocks ``(d00, d01, d10, d11)``, ``V``, ``G (B, U, 2)``, ``P (U, 2)`` the static SnAp pattern
+    or ``None)``; ``None`` where the update is not of that form (other layouts, a kernel with
+    compressed rows, a real leaf with a pattern, a 16-bit influence).  ``propagate``: this step's
+    diagonal :func:`propagator`; ``immediate``: the leaf's ``(v, d)`` immediate factors."""
+    v, d = immediate
+    paired = jnp.iscomplexobj(J)
+    P = None if patterns is None or patterns[group].all() else patterns[group]
+    if layout != "diag" or (J.shape[-1] != 1 and not paired) or (P is not None and not paired) \
+            or real_dtype(J) != d.dtype or (v is not None and v.shape[-2] != 1):
+        return None
+    V = None if v is None else v.reshape(batch, -1)
+    if not paired:
+        D = propagate.coefficients(False)[0][..., 0]  # type: ignore[attr-defined]
+        return D.astype(d.dtype), V, d.reshape(batch, spec.units), None
+    D = jnp.stack(propagate.coefficients(True), -1).astype(d.dtype)  # type: ignore[attr-defined]
+    return D, V, d.reshape(batch, spec.units, 2), None if P is None else P.reshape(spec.units, 2)
+
+
 def apply_pattern(J: Array, pattern: np.ndarray) -> Array:
     """``J ⊙ M`` for the static bool pattern ``M (U, K, m)`` of one parameter group, ``J (B, L, U,
     K, m)``: entries outside ``M`` become 0.
@@ -211,12 +234,18 @@ def apply_pattern(J: Array, pattern: np.ndarray) -> Array:
 
 
 def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernels: dict, precision: Any,
-                  influence: PyTree, dloss_dstate: Array) -> PyTree:
+                      influence: PyTree, dloss_dstate: Array) -> PyTree:
     """Online gradient ``Σ_b (∂L/∂s_t)[b] J_t[b]`` in the parameters' shapes.
 
     Args:
       influence: ``J_t``.  dloss_dstate: ``(B, units, m)``.
     """
+    return decompress_kernels(spec, kernels, contract_leaves(spec, layout, table, precision, influence, dloss_dstate))
+
+
+def contract_leaves(spec: CellSpec, layout: str, table: NeighbourTable, precision: Any, influence: PyTree,
+                    dloss_dstate: Array) -> PyTree:
+    """:func:`contract_gradient` per influence leaf, kernels in compressed coordinates ``(R, units)``."""
     m = spec.state_dim
     if jnp.ndim(dloss_dstate) != 3 or jnp.shape(dloss_dstate)[1:] != (spec.units, m):
         raise ValueError(f"dloss_dstate must have shape (B, {spec.units}, {m}), got {jnp.shape(dloss_dstate)}")
@@ -254,8 +283,7 @@ def contract_gradient(spec: CellSpec, layout: str, table: NeighbourTable, kernel
             g = jnp.einsum("biKa,bliKa->li", dlb, Jf, precision=prec)
         return g.reshape(shape[1:-2])
 
-    grads = jax.tree.map(contract, influence)
-    return decompress_kernels(spec, kernels, grads)
+    return jax.tree.map(contract, influence)
 
 
 def diag_batch_sum(J: Array, c: Array, precision: Any = None) -> Array:

@@ -254,6 +254,21 @@ class OnlineMethod(abc.ABC):
           batch); windowed methods return zeros until the end of a period.
         """
 
+    def step_fused(self, params: PyTree, carry: PyTree, state: PyTree, x: Array) -> tuple[StepResult, Any]:
+        """:meth:`step`, and what :meth:`gradient_fused` needs to redo the state update fused with
+        the gradient (``None``: nothing; the default).  A caller that takes the gradient of every
+        step in the same traced function (the learner, :func:`snapjax.online_gradient`) calls
+        these two instead of :meth:`step` and :meth:`gradient`; the results are the same."""
+        return self.step(params, carry, state, x), None
+
+    def gradient_fused(self, params: PyTree, state: PyTree, fused: Any, dloss_dcarry: PyTree,
+                       accumulate: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        """:meth:`gradient` of the state :meth:`step_fused` returned, given its ``fused``, added
+        to ``accumulate`` (parameter-shaped, e.g. the sum of the earlier steps'; ``None``: zeros)."""
+        del fused
+        grads, state = self.gradient(params, state, dloss_dcarry)
+        return (grads if accumulate is None else jax.tree.map(jnp.add, accumulate, grads)), state
+
     def flush(self, params: PyTree, state: PyTree) -> tuple[PyTree, PyTree]:
         """Close a partial period at the end of a stream: the gradient of the steps buffered
         since the last period boundary (whose :meth:`gradient` calls returned zeros), and the

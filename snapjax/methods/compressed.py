@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from snapjax.cells.recurrent import Recurrent
+from snapjax.engine import native
 from snapjax.engine.influence import InfluenceTracker
 from snapjax.methods.base import OnlineMethod, StepResult, check_batch_size
 
@@ -115,6 +116,29 @@ class CompressedInfluence(OnlineMethod):
         del params
         spec = self.tracker.spec
         return self.tracker.gradient(state.influence, spec.to_internal(dloss_dcarry)), state
+
+    def step_fused(self, params: PyTree, carry: PyTree, state: InfluenceState, x: Array
+                   ) -> tuple[StepResult, Any]:
+        """:meth:`step` and, for SnAp-1 of a one-component cell on CPU with the native kernel
+        (:mod:`snapjax.engine.native`), ``(J_{t-1}, the update's factors)``: :meth:`gradient_fused`
+        then redoes the diagonal update in the pass that forms the gradient, and XLA drops the
+        first update as dead code (one pass over the influence per step instead of two)."""
+        spec = self.tracker.spec
+        if self.tracker.layout != "diag" or not native.available():
+            return self.step(params, carry, state, x), None
+        s, J, factors = self.tracker.step(params, spec.to_internal(carry), state.influence, x, factors=True)
+        fused = None if all(f is None for f in jax.tree.leaves(
+            factors, is_leaf=lambda f: f is None or isinstance(f, tuple))) else (state.influence, factors)
+        return StepResult(spec.from_internal(s), InfluenceState(J), {}), fused
+
+    def gradient_fused(self, params: PyTree, state: InfluenceState, fused: Any, dloss_dcarry: PyTree,
+                       accumulate: PyTree | None = None) -> tuple[PyTree, InfluenceState]:
+        if fused is None:
+            return super().gradient_fused(params, state, None, dloss_dcarry, accumulate)
+        previous, factors = fused
+        grads, J = native.update_and_gradient(self.tracker, previous, state.influence, factors,
+                                              self.tracker.spec.to_internal(dloss_dcarry), accumulate)
+        return grads, InfluenceState(J)
 
     def influence(self, state: InfluenceState) -> PyTree:
         """The influence as float leaves ``(B, *rows, U, K, m)`` (the engine's shapes, as

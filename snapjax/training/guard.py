@@ -29,7 +29,7 @@ from jax import lax
 
 from snapjax.methods.base import finite_examples, finite_examples_of_methods
 from snapjax.training.model import Stage
-from snapjax.training.stage_passes import contain, head_output
+from snapjax.training.stage_passes import contain, head_output, settle
 from snapjax.training.transforms import tree_all_finite
 from snapjax.training.update import across_devices, any_device
 
@@ -54,6 +54,7 @@ def contain_faults(
       gradient stayed non-finite and was zeroed) and ``good`` (``(B,)`` examples kept).
     """
     loss, grads, new_states, carries = first
+    recs = settle(recs, new_states)  # a fused step's state from its gradient (the same values)
     batch = weight.shape[0]
     dtype = jnp.result_type(*jax.tree.leaves(params))
     ok = jnp.ones((batch,), bool)

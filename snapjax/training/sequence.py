@@ -131,11 +131,11 @@ def online_gradient(
         def body(c, inp):
             carry, st, g, total = c
             x, y = inp
-            carry, st, _ = method.step(params, carry, st, x)
+            (carry, st, _), fused = method.step_fused(params, carry, st, x)
             carry, st = hold(carry, st)
             loss, dcarry = jax.value_and_grad(lambda cc: loss_fn(out_fn(cc), y))(carry)
-            gi, st = method.gradient(params, st, dcarry)
-            return (carry, st, jax.tree.map(jnp.add, g, gi), total + loss), out_fn(carry)
+            g, st = method.gradient_fused(params, st, fused, dcarry, accumulate=g)
+            return (carry, st, g, total + loss), out_fn(carry)
 
         g0 = jax.tree.map(jnp.zeros_like, params)
         (carry, state, grads, loss), outs = lax.scan(body, (*hold(carry, state), g0, jnp.zeros((), dtype)), (xs, ys))

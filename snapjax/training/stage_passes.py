@@ -2,7 +2,8 @@
 
 A stage (:class:`~snapjax.training.model.Stage`) is a recurrent layer with its online method,
 or a feed-forward module.  :func:`forward` advances every stage and keeps a record per stage,
-``(input h, carry before, StepResult)`` (``None``s for feed-forward stages); :func:`backward`
+``(input h, carry before, StepResult, fused)`` (``fused``: :meth:`snapjax.OnlineMethod.step_fused`'s
+record for the gradient; ``None``s for feed-forward stages); :func:`backward`
 sends the loss cotangent down through the stages *within the step* (the stack approximation of
 :mod:`snapjax.training.model`) and lets each method turn its stage's cotangent into a gradient;
 :func:`contain` resets the examples a fault was seen in; :func:`forward_only` is a step
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from snapjax.methods.base import select_examples
 from snapjax.training.model import Stage
 
-__all__ = ["forward", "backward", "contain", "head_output", "forward_only", "random_feedback"]
+__all__ = ["forward", "backward", "contain", "settle", "head_output", "forward_only", "random_feedback"]
 
 
 def forward(stages: list[Stage], params, carries, states, x, methods):
@@ -48,12 +49,12 @@ def forward(stages: list[Stage], params, carries, states, x, methods):
         p = stage.params(params)
         if stage.recurrent:
             m = methods[j]
-            res = m.step(p, carries[j], states[j], h)
-            recs.append((h, carries[j], res))
+            res, fused = m.step_fused(p, carries[j], states[j], h)
+            recs.append((h, carries[j], res, fused))
             h = stage.module.output(res.carry)
             j += 1
         else:
-            recs.append((h, None, None))
+            recs.append((h, None, None, None))
             h = stage.apply(p, h)
     return h, recs
 
@@ -66,7 +67,7 @@ def backward(stages: list[Stage], params, recs, out_cot, methods, states, feedba
     cot, j = out_cot, len(methods)
     has_params_below = [any(s.params(params) is not None for s in stages[:i]) for i in range(len(stages))]
     for i in reversed(range(len(stages))):
-        stage, (h_in, carry_old, res) = stages[i], recs[i]
+        stage, (h_in, carry_old, res, fused) = stages[i], recs[i]
         p = stage.params(params)
         need_in = has_params_below[i]
         if stage.recurrent:
@@ -75,7 +76,7 @@ def backward(stages: list[Stage], params, recs, out_cot, methods, states, feedba
             j -= 1
             _, pull_out = jax.vjp(stage.module.output, res.carry)
             dcarry = pull_out(cot)[0]
-            g, new_states[j] = methods[j].gradient(p, res.state, dcarry)
+            g, new_states[j] = methods[j].gradient_fused(p, res.state, fused, dcarry)
             if need_in:
                 cell = stage.module
                 _, pull_in = jax.vjp(lambda hh: cell.apply(p, carry_old, hh), h_in)
@@ -123,24 +124,38 @@ def contain(recs, good, methods, batch, dtype):
     """Records with the examples not in ``good`` reset (zero carry, fresh method state) and
     their saved inputs zeroed (so no NaN reaches the backward pass)."""
     fixed, j = [], 0
-    for h, c_old, res in recs:
+    for h, c_old, res, _ in recs:
         h = jnp.where(good.reshape((-1,) + (1,) * (h.ndim - 1)), h, 0)
         if res is None:
-            fixed.append((h, None, None))
+            fixed.append((h, None, None, None))
             continue
         m = methods[j]
         zero = m.init_carry(batch, dtype)
         c_old = select_examples(good, c_old, zero, 0)
         res = res._replace(carry=select_examples(good, res.carry, zero, 0), state=m.reset(res.state, ~good))
-        fixed.append((h, c_old, res))
+        fixed.append((h, c_old, res, None))  # reset states: the gradient reads them as they are
         j += 1
     return fixed
+
+
+def settle(recs, states):
+    """The records with each fused step's state (:meth:`snapjax.OnlineMethod.step_fused`) taken
+    from its gradient's result ``states`` (one per recurrent stage): the same values, but reading
+    them does not keep the step's own update of the state alive (XLA drops it as dead code)."""
+    out, j = [], 0
+    for h, c_old, res, fused in recs:
+        if res is not None:
+            if fused is not None:
+                res, fused = res._replace(state=states[j]), None
+            j += 1
+        out.append((h, c_old, res, fused))
+    return tuple(out)
 
 
 def head_output(stages: list[Stage], params, recs):
     """Recompute the model output from the records (cheap: the last stages' forward)."""
     h = None
-    for stage, (h_in, _, res) in zip(stages, recs):
+    for stage, (h_in, _, res, _) in zip(stages, recs):
         if stage.recurrent:
             h = stage.module.output(res.carry)
         else:
