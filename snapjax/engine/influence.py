@@ -50,9 +50,9 @@ from snapjax.engine.patterns import (
 )
 from snapjax.engine.propagation import (
     apply_pattern,
-    diag_factors,
     contract_gradient,
     decompress_kernels,
+    diag_factors,
     expand_dense,
     from_pairs,
     pairs_dtype,

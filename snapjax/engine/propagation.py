@@ -40,8 +40,9 @@ from snapjax.engine.patterns import KernelLayout, NeighbourTable
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["propagator", "diag_factors", "contract_gradient", "contract_leaves", "diag_batch_sum", "decompress_kernels", "apply_pattern", "SCATTER_ZEROS",
-           "pairs_dtype", "real_dtype", "to_pairs", "from_pairs", "expand_dense"]
+__all__ = ["propagator", "diag_factors", "contract_gradient", "contract_leaves", "diag_batch_sum",
+           "decompress_kernels", "apply_pattern", "SCATTER_ZEROS", "pairs_dtype", "real_dtype", "to_pairs",
+           "from_pairs", "expand_dense"]
 
 #: A SnAp-n pattern on the dense storage with at most this fraction of its entries outside the
 #: pattern is applied by setting those entries to zero in place; a sparser one by a multiply.
@@ -178,12 +179,15 @@ def propagator(spec: CellSpec, layout: str, table: NeighbourTable, masks: dict, 
 
 def diag_factors(spec: CellSpec, layout: str, patterns: dict | None, propagate: Callable, batch: int, J: Array,
                  immediate: tuple, group: str) -> tuple | None:
-    """The factors of one diagonal leaf's update ``J_t = (D J_{t-1} + V ⊗ G) ⊙ P``:
-    ``(D (B, U), V (B, L) | None, G (B, U), None)``, for complex pairs ``(D (B, U, 4)`` the 2×2
-    blocks ``(d00, d01, d10, d11)``, ``V``, ``G (B, U, 2)``, ``P (U, 2)`` the static SnAp pattern
-    or ``None)``; ``None`` where the update is not of that form (other layouts, a kernel with
-    compressed rows, a real leaf with a pattern, a 16-bit influence).  ``propagate``: this step's
-    diagonal :func:`propagator`; ``immediate``: the leaf's ``(v, d)`` immediate factors."""
+    """The factors ``(D, V, G, P)`` of one diagonal leaf's update ``J_t = (D J_{t-1} + V ⊗ G) ⊙ P``
+    (for :mod:`snapjax.engine.native`), or ``None`` where the update is not of that form (other
+    layouts, a kernel with compressed rows, a one-component leaf with a pattern, a 16-bit
+    influence).
+
+    One-component leaves: ``D (B, U)``, ``V (B, L)`` (``None``: biases and unit parameters, ``L =
+    1``), ``G (B, U)``, ``P = None``.  Complex pairs: ``D (B, U, 4)`` the 2×2 blocks ``(d00, d01,
+    d10, d11)``, ``G (B, U, 2)``, ``P (U, 2)`` the static SnAp pattern (``None``: all kept).
+    ``propagate``: this step's diagonal :func:`propagator`; ``immediate``: the leaf's ``(v, d)``."""
     v, d = immediate
     paired = jnp.iscomplexobj(J)
     P = None if patterns is None or patterns[group].all() else patterns[group]

@@ -119,10 +119,10 @@ class CompressedInfluence(OnlineMethod):
 
     def step_fused(self, params: PyTree, carry: PyTree, state: InfluenceState, x: Array
                    ) -> tuple[StepResult, Any]:
-        """:meth:`step` and, for SnAp-1 of a one-component cell on CPU with the native kernel
-        (:mod:`snapjax.engine.native`), ``(J_{t-1}, the update's factors)``: :meth:`gradient_fused`
-        then redoes the diagonal update in the pass that forms the gradient, and XLA drops the
-        first update as dead code (one pass over the influence per step instead of two)."""
+        """:meth:`step` and, for a diagonal influence (SnAp-1; the LRU's RTRL) where the native
+        kernel is built (:mod:`snapjax.engine.native`), ``(J_{t-1}, the update's factors)``:
+        :meth:`gradient_fused` then redoes the update in the pass that forms the gradient, and on
+        CPU XLA drops the first update as dead code (one pass over the influence per step)."""
         spec = self.tracker.spec
         if self.tracker.layout != "diag" or not native.available():
             return self.step(params, carry, state, x), None
