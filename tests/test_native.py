@@ -178,3 +178,26 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
     monkeypatch.setenv("SNAPJAX_NATIVE", "0")
     assert native._load.__wrapped__() == (False, "disabled by SNAPJAX_NATIVE=0")
+
+
+def test_derivatives_through_the_kernel_are_xla_ones(x64, xla_only):
+    """A meta-gradient (d/dθ of a function of the online gradient) through the fused step equals
+    the one through XLA's path (the kernel's JVP is the XLA form's)."""
+    cell = sj.GRUCell(4)
+    rec = sj.as_recurrent(cell)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), rec.init_params(jax.random.key(0), 2))
+    xs = jax.random.normal(jax.random.key(1), (5, 3, 2), jnp.float64)
+    ys = jax.random.normal(jax.random.key(2), (5, 3, 4), jnp.float64)
+    method = sj.online_method("snap1", cell, params)
+
+    def meta(p):  # squared norm of the online gradient
+        g = sj.online_gradient(method, p, None, xs, ys, lambda y, t: jnp.sum((y - t) ** 2)).grads
+        return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(g))
+
+    fused = jax.jit(lambda p: jax.grad(meta)(p))
+    assert "snapjax_diag_update_f64" in fused.lower(params).as_text()
+    a = fused(params)
+    xla_only()
+    b = jax.jit(lambda p: jax.grad(meta)(p))(params)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-12)

@@ -209,13 +209,24 @@ def diag_update_and_sum(D: Array, C: Array, leaves: list[tuple]) -> list[tuple[A
     if not available():
         return list(zip(*[iter(reference(D, C, *flat))] * 2))
     per = 5 if paired else 4  # the kernel's arguments per leaf: J, V, G, acc (and P)
-    args = [a for leaf, P in zip(leaves, patterns) for a in leaf[:4] + (
-        (jnp.zeros((0,), dt) if P is None else jnp.asarray(P, dt)),) * paired]
     shapes = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for J, _, _, acc, _ in leaves for a in (J, acc)]
     aliases = {2 + per * i + k: 2 * i + (k > 0) for i in range(len(leaves)) for k in (0, 3)}
     call = jax.ffi.ffi_call(_TARGETS[dt, paired][0], shapes, vmap_method="sequential", input_output_aliases=aliases)
-    out = jax.lax.platform_dependent(D, C, *args, cpu=lambda *a: list(call(*a)),
-                                     default=lambda D, C, *a: reference(D, C, *flat))
+
+    def kernel(D, C, *flat):  # the static patterns go in as constants after each pair leaf's four arrays
+        args = [a for i, P in enumerate(patterns) for a in list(flat[4 * i:4 * i + 4]) + (
+            [jnp.zeros((0,), dt) if P is None else jnp.asarray(P, dt)] if paired else [])]
+        return list(call(D, C, *args))
+
+    @jax.custom_jvp  # derivatives (e.g. a meta-gradient through the learner) are XLA's, of the same maths
+    def fused(D, C, *flat):
+        return jax.lax.platform_dependent(D, C, *flat, cpu=kernel, default=reference)
+
+    @fused.defjvp
+    def fused_jvp(primals, tangents):
+        return fused(*primals), jax.jvp(reference, primals, tangents)[1]
+
+    out = fused(D, C, *flat)
     return list(zip(out[0::2], out[1::2]))
 
 
