@@ -252,9 +252,10 @@ def update_and_gradient(tracker: Any, previous: PyTree, stepped: PyTree, factors
     J_t = jax.tree.leaves(stepped)
     fac = jax.tree.leaves(factors, is_leaf=lambda f: f is None or isinstance(f, tuple))  # one per leaf
     cdt = jnp.result_type(dloss_dstate)
-    fused = [i for i, (Jp, f) in enumerate(zip(flat, fac)) if f is not None and f[0].dtype == cdt and available()]
-    # kernels with compressed rows never have factors: their gradients are decompressed below
     acc = None if accumulate is None else jax.tree.leaves(accumulate)
+    fused = [i for i, f in enumerate(fac) if f is not None and f[0].dtype == cdt and available()
+             and (acc is None or jnp.result_type(acc[i]) == cdt)]  # mixed dtypes: XLA's promotions
+    # kernels with compressed rows never have factors: their gradients are decompressed below
     grads = jax.tree.leaves(decompress_kernels(spec, tracker.kernels, xla))
     if not len(flat) == len(J_t) == len(fac) == len(grads) == (len(flat) if acc is None else len(acc)):
         raise ValueError("update_and_gradient: J_{t-1}, J_t, the factors, the gradients and accumulate must be "
