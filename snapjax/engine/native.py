@@ -59,8 +59,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from snapjax.engine.jacobians import computed_once
-from snapjax.engine.propagation import contract_leaves, decompress_kernels
+from snapjax.engine.propagation import apply_pattern, contract_leaves, decompress_kernels
 
 Array = jax.Array
 PyTree = Any
@@ -185,20 +184,17 @@ def diag_update_and_sum(D: Array, C: Array, leaves: list[tuple]) -> list[tuple[A
         return []
     patterns = [None if leaf[4] is None else np.asarray(leaf[4], bool) for leaf in leaves]
 
-    def masked(part: Array, keep: np.ndarray) -> Array:  # as apply_pattern: an all-out component is 0
-        return part if keep.all() else jnp.zeros_like(part) if not keep.any() else part * jnp.asarray(keep, part.dtype)
-
     def reference(D, C, *flat):
         out = []
         for (J, V, G, acc), P in zip(zip(*[iter(flat)] * 4), patterns):
             Jr, Vb = J.reshape(B, -1, U), V[:, :, None]
             if paired:
                 j0, j1 = jnp.real(Jr), jnp.imag(Jr)
-                n0 = D[:, None, :, 0] * j0 + D[:, None, :, 1] * j1 + Vb * G[:, None, :, 0]
-                n1 = D[:, None, :, 2] * j0 + D[:, None, :, 3] * j1 + Vb * G[:, None, :, 1]
-                if P is not None:
-                    n0, n1 = masked(n0, P[:, 0]), masked(n1, P[:, 1])
-                Jn, t = jax.lax.complex(n0, n1), C[:, None, :, 0] * n0 + C[:, None, :, 1] * n1
+                Jn = jax.lax.complex(D[:, None, :, 0] * j0 + D[:, None, :, 1] * j1 + Vb * G[:, None, :, 0],
+                                     D[:, None, :, 2] * j0 + D[:, None, :, 3] * j1 + Vb * G[:, None, :, 1])
+                if P is not None:  # the pattern as the XLA path applies it: (B, L, U, K = 1, 1), M (U, 1, 2)
+                    Jn = apply_pattern(Jn[..., None, None], P[:, None, :])[..., 0, 0]
+                t = C[:, None, :, 0] * jnp.real(Jn) + C[:, None, :, 1] * jnp.imag(Jn)
             else:
                 Jn = D[:, None, :] * Jr + Vb * G[:, None, :]
                 t = C[:, None, :] * Jn
@@ -266,7 +262,7 @@ def update_and_gradient(tracker: Any, previous: PyTree, stepped: PyTree, factors
         idx = [i for i in fused if jnp.iscomplexobj(flat[i]) == paired]
         if not idx:
             continue
-        C = computed_once(dloss_dstate if paired else dloss_dstate[..., 0])
+        C = dloss_dstate if paired else dloss_dstate[..., 0]  # a kernel operand: materialised as it is
         leaves = [(flat[i], jnp.ones((flat[i].shape[0], 1), cdt) if fac[i][1] is None else fac[i][1],
                    fac[i][2], jnp.zeros(grads[i].shape, cdt) if acc is None else acc[i], fac[i][3]) for i in idx]
         for i, (Jn, g) in zip(idx, diag_update_and_sum(fac[idx[0]][0], C, leaves)):  # diag(D_t): one for all
